@@ -1,0 +1,65 @@
+"""Find the model file, check it against its manifest, and read what its outputs mean."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from xray_edge.edge.errors import ModelError
+from xray_edge.edge.manifest import MANIFEST_NAME, read_manifest, verify_file
+from xray_edge.edge.metadata import ModelInfo, read_tflite_metadata
+
+DEFAULT_FILE = "xray_int8.tflite"  # smallest and fastest on a Pi; the manifest may name another
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    manifest: dict | None  # None when a lone file is used with its embedded metadata
+    entry: dict | None  # the manifest's entry for this file
+
+
+def resolve_model(model: str | Path, file_name: str | None = None) -> ResolvedModel:
+    """Turn `--model` (an artifacts folder or a model file) into a verified model file.
+
+    A folder needs its manifest; a file is verified against a manifest beside it when that
+    manifest lists it, and otherwise stands alone on its embedded metadata.
+    """
+    p = Path(model)
+    if p.is_dir():
+        manifest = read_manifest(p / MANIFEST_NAME)
+        name = file_name or manifest.get("default") or DEFAULT_FILE
+        path = p / name
+        if not path.is_file():
+            listed = ", ".join(sorted(manifest["files"])) or "none"
+            raise ModelError(f"{path}: not found (the manifest lists: {listed})")
+        return ResolvedModel(path, manifest, verify_file(manifest, path))
+    if not p.exists():
+        raise ModelError(f"{p}: model not found")
+    side = p.parent / MANIFEST_NAME
+    if side.exists():
+        manifest = read_manifest(side)
+        if p.name in manifest["files"]:
+            return ResolvedModel(p, manifest, verify_file(manifest, p))
+    return ResolvedModel(p, None, None)
+
+
+def model_info(resolved: ResolvedModel, backend=None) -> ModelInfo:
+    """Labels, threshold and preprocessing: from the manifest, else from the file itself."""
+    if resolved.manifest is not None:
+        m = resolved.manifest
+        d = {"labels": m["labels"], "threshold": m.get("threshold"),
+             "preprocessing": m.get("input", {}).get("preprocessing", {}),
+             "format": (resolved.entry or {}).get("format", ""),
+             "synthetic_data": m.get("training", {}).get("synthetic", False)}
+        return ModelInfo.from_dict(d)
+    if resolved.path.suffix.lower() == ".onnx":
+        from xray_edge.edge.metadata import parse_onnx_metadata
+
+        meta = parse_onnx_metadata(getattr(backend, "metadata", {}) or {}, resolved.path)
+    else:
+        meta = read_tflite_metadata(resolved.path)
+    if meta is None:
+        raise ModelError(f"{resolved.path}: no embedded metadata and no {MANIFEST_NAME} beside it "
+                         "(labels unknown); export it with xray-edge export")
+    return ModelInfo.from_dict(meta)

@@ -1,0 +1,235 @@
+"""Where a model becomes files: convert each format, prove it, then name it and list it.
+
+For every format: convert to bytes, embed the metadata, write under a temporary name, load it in
+the runtime the device uses, compare with Keras on held-out real images, and only if every gate
+passes rename it to its final name. Then the manifest is written, also atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from xray_edge import __version__
+from xray_edge.edge.backends import open_backend
+from xray_edge.edge.errors import XrayEdgeError
+from xray_edge.edge.files import atomic_write_bytes, atomic_write_json, sha256_file
+from xray_edge.edge.manifest import MANIFEST_NAME, SCHEMA_VERSION
+from xray_edge.edge.metadata import ModelInfo, tflite_with_metadata
+from xray_edge.edge.preprocess import Preprocessing
+from xray_edge.export import calibration, parity
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    file: str
+    runtime: str  # the edge backend that proves it
+    quantized: bool
+    description: str
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("float32", "xray_float32.tflite", "litert", False, "TFLite float32, builtin ops"),
+    Format("int8", "xray_int8.tflite", "litert", True, "TFLite full-integer int8, uint8 input"),
+    Format("onnx", "xray.onnx", "onnxruntime", False, "ONNX float32, dynamic batch"),
+    Format("float16", "xray_float16.tflite", "litert", False, "TFLite float16 weights"),
+)}
+DEFAULT_FORMATS = ("float32", "int8", "onnx")
+
+
+class ExportFailed(XrayEdgeError):
+    """At least one format failed its parity gate; the others were written."""
+
+
+@dataclass
+class ExportConfig:
+    model: Path
+    out: Path
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    data: Path | None = None  # images for calibration/parity when there is no training.json
+    calibration_size: int = 200
+    parity_size: int = 200
+    seed: int = 0
+    threshold: float | None = None  # default: the training record's, else 0.5
+    gates: parity.Gates = field(default_factory=parity.Gates)
+    # Hook for tests: lets a test corrupt a converted file before it is proven.
+    tamper: Callable[[str, bytes], bytes] | None = None
+
+
+@dataclass
+class ExportResult:
+    manifest: dict
+    results: list[parity.ParityResult]
+    timings: dict
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+
+def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportResult:
+    """Convert, prove and write every requested format; see the module docstring.
+
+    Raises:
+        XrayEdgeError: bad configuration or inputs (before anything is written).
+        ExportFailed is NOT raised here: check `ExportResult.passed` (the CLI exits 1).
+    """
+    unknown = [f for f in cfg.formats if f not in FORMATS]
+    if unknown:
+        raise XrayEdgeError(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    if not cfg.model.is_file():
+        raise XrayEdgeError(f"{cfg.model}: model not found; train one first (make train)")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    import keras
+
+    from xray_edge.train.cache import decode_images
+    from xray_edge.train.trainer import read_model_metadata
+
+    try:
+        model = keras.saving.load_model(cfg.model, compile=False)
+    except Exception as exc:  # noqa: BLE001 - zip, h5, deserialization errors
+        raise XrayEdgeError(f"{cfg.model}: cannot load Keras model ({str(exc).splitlines()[0][:200]})") from None
+    timings["load_model"] = time.perf_counter() - t0
+    record_path = cfg.model.parent / "training.json"
+    record = _read_json(record_path)
+    meta = read_model_metadata(cfg.model)
+    classes = record.get("classes") or meta.get("classes")
+    if not classes:
+        raise XrayEdgeError(f"{cfg.model}: no class names (no training.json beside it)")
+    spec = Preprocessing.from_dict(record.get("preprocessing") or meta.get("preprocessing") or {})
+    threshold = cfg.threshold if cfg.threshold is not None else record.get("threshold", 0.5)
+    synthetic = bool(record.get("synthetic", meta.get("synthetic", False)))
+    binary = int(model.outputs[0].shape[-1]) == 1
+    info = ModelInfo(tuple(classes), threshold if binary else None, spec, synthetic_data=synthetic)
+
+    sets = calibration.image_sets(record_path if record else None, cfg.data, cfg.calibration_size,
+                                  cfg.parity_size, cfg.seed)
+    t = time.perf_counter()
+    need_cal = any(FORMATS[f].quantized for f in cfg.formats)
+    cal_images = (decode_images(sets.calibration, spec, None, label="calibration images")[0]
+                  if need_cal else np.zeros((0, *spec.shape), np.uint8))
+    par_images, par_ok, par_err = decode_images(sets.parity, spec, None, label="parity images")
+    for e in par_err:
+        log(f"warning: skipped {e}")
+    reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
+    timings["images_and_keras_reference"] = time.perf_counter() - t
+    log(f"calibration: {len(cal_images)} images; parity: {len(par_images)} held-out images ({sets.source})")
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    source_sha = sha256_file(cfg.model)
+    results: list[parity.ParityResult] = []
+    files: dict[str, dict] = {}
+    for name in cfg.formats:
+        fmt = FORMATS[name]
+        t = time.perf_counter()
+        embedded = {**ModelInfo(info.labels, info.threshold, spec, name, synthetic).to_dict(),
+                    "source_model_sha256": source_sha, "xray_edge_version": __version__}
+        data = _convert(fmt, model, cal_images, embedded)
+        t_conv = time.perf_counter() - t
+        if cfg.tamper:
+            data = cfg.tamper(name, data)
+        final = cfg.out / fmt.file
+        tmp = cfg.out / f".{fmt.file}.unproven{Path(fmt.file).suffix}"
+        atomic_write_bytes(tmp, data)
+        try:
+            t = time.perf_counter()
+            backend = open_backend(tmp, fmt.runtime)
+            candidate = parity.predict_each(backend, par_images)
+            res = parity.compare(name, f"{fmt.runtime}", reference, candidate, info, fmt.quantized, cfg.gates)
+            t_par = time.perf_counter() - t
+            results.append(res)
+            log(res.line())
+            if res.passed:
+                os.replace(tmp, final)
+                files[fmt.file] = {
+                    "format": name, "description": fmt.description, "size": final.stat().st_size,
+                    "sha256": sha256_file(final), "runtime": f"{backend.name} {backend.version}",
+                    "input": {"name": backend.input_name, "dtype": str(backend.input_dtype),
+                              "shape": [None if not isinstance(d, int) else d for d in backend.input_shape],
+                              "quantization": list(getattr(backend, "input_quant", ()) or []) or None},
+                    "output": {"name": backend.output_name,
+                               "quantization": list(getattr(backend, "output_quant", ()) or []) or None},
+                    "parity": res.to_dict(),
+                    "seconds": {"convert": round(t_conv, 2), "parity": round(t_par, 2)},
+                }
+            else:
+                log(f"  {name}: REFUSED ({'; '.join(res.failed_gates)}); not written as {final.name}")
+                if final.exists():  # an older file under this name would now be unproven
+                    final.unlink()
+        finally:
+            tmp.unlink(missing_ok=True)
+        timings[name] = time.perf_counter() - t + t_conv
+
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "xray_edge_version": __version__,
+        "labels": list(info.labels),
+        "output": ({"kind": "sigmoid", "units": 1,
+                    "meaning": f"probability of {info.labels[1]!r} (index 1); "
+                               f"{info.labels[1]!r} when p >= threshold, else {info.labels[0]!r}"}
+                   if binary else
+                   {"kind": "softmax", "units": len(info.labels), "meaning": "probability per label, in order"}),
+        "threshold": info.threshold,
+        "positive_class": record.get("positive_class"),
+        "input": {"shape": [1, *spec.shape], "dtype": spec.dtype, "preprocessing": spec.to_dict()},
+        "default": next((FORMATS[f].file for f in ("int8", "float32", "onnx", "float16")
+                         if FORMATS[f].file in files), None),
+        "files": files,
+        "rejected": {r.format: r.to_dict() for r in results if not r.passed},
+        "source_model": {"file": cfg.model.name, "sha256": source_sha},
+        "training": {"synthetic": synthetic, "data": record.get("data"),
+                     "classes": classes, "counts": record.get("counts")},
+        "calibration": {"images": len(cal_images), "source": sets.source, "seed": cfg.seed},
+        "parity_set": {"images": int(len(par_images)), "disjoint_from_calibration": True},
+        "gates": vars(cfg.gates),
+        "versions": _versions(),
+    }
+    atomic_write_json(cfg.out / MANIFEST_NAME, manifest)
+    timings["total"] = time.perf_counter() - t0
+    return ExportResult(manifest, results, timings)
+
+
+def _convert(fmt: Format, model, cal_images: np.ndarray, embedded: dict) -> bytes:
+    from xray_edge.export import tflite
+
+    if fmt.name == "onnx":
+        from xray_edge.export.onnx import keras_to_onnx
+
+        return keras_to_onnx(model, embedded)
+    if fmt.name == "int8":
+        flat = tflite.convert_int8(model, cal_images)
+    elif fmt.name == "float16":
+        flat = tflite.convert_float16(model)
+    else:
+        flat = tflite.convert_float32(model)
+    return tflite_with_metadata(flat, embedded)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "onnx", "onnxruntime", "ai-edge-litert", "numpy", "pillow"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,99 @@
+"""Classification metrics in plain numpy, shared by training, export and the report.
+
+Binary figures are for a named positive (disease) class; scores are that class's probability.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for k successes in n trials; (0, 1) when n is 0."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count one half); NaN with one class."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), thresholds descending; predict positive when score >= threshold."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    thresholds = np.concatenate([[np.inf], np.unique(s)[::-1]])
+    tpr = np.array([(s[y] >= t).mean() if y.any() else 0.0 for t in thresholds])
+    fpr = np.array([(s[~y] >= t).mean() if (~y).any() else 0.0 for t in thresholds])
+    return fpr, tpr, thresholds
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Rows: true class; columns: predicted class."""
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)), 1)
+    return m
+
+
+def binary_report(y_true: np.ndarray, pos_score: np.ndarray, threshold: float) -> dict:
+    """Accuracy, sensitivity, specificity (each with its Wilson 95% interval) and ROC AUC.
+
+    Args:
+        y_true: 1 for the positive (disease) class, 0 otherwise.
+        pos_score: probability of the positive class.
+        threshold: call positive when pos_score >= threshold.
+    """
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(pos_score) >= threshold
+    tp, fn = int((pred & y).sum()), int((~pred & y).sum())
+    tn, fp = int((~pred & ~y).sum()), int((pred & ~y).sum())
+    n = len(y)
+
+    def rate(k: int, m: int) -> dict:
+        return {"value": k / m if m else float("nan"), "ci95": list(wilson_interval(k, m)),
+                "k": k, "n": m}
+
+    return {
+        "threshold": threshold,
+        "n": n,
+        "accuracy": rate(tp + tn, n),
+        "sensitivity": rate(tp, tp + fn),
+        "specificity": rate(tn, tn + fp),
+        "roc_auc": roc_auc(y, pos_score),
+        "confusion": {"tp": tp, "fn": fn, "tn": tn, "fp": fp},
+    }
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, pos_score: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity on these cases is at least `target`."""
+    y = np.asarray(y_true).astype(bool)
+    pos = np.sort(np.asarray(pos_score, dtype=np.float64)[y])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no positive cases to set a sensitivity target on")
+    k = max(1, math.ceil(target * len(pos) - 1e-9))
+    return float(pos[k - 1])
