@@ -33,7 +33,7 @@ def read_dicom(path: Path) -> np.ndarray:
         name = getattr(syntax, "name", str(syntax))
         if syntax is not None and getattr(syntax, "is_compressed", False):
             raise ImageError(path, f"compressed DICOM ({name}) needs a decoder: "
-                                   "pip install pylibjpeg pylibjpeg-libjpeg") from None
+                                   "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
         raise ImageError(path, f"cannot decode DICOM pixels: {_first_line(exc)}") from None
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:

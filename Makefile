@@ -1,0 +1,62 @@
+# xray-edge: the two commands of the README are `make train export` and `make test`.
+# Every target installs what it needs into .venv (and .venv-tflite for tflite-runtime) first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= artifacts
+DATA   ?=
+# The embedded phantom set is sized for a few minutes on a 2-core CPU; real data gets the recipe's 30.
+EPOCHS ?= $(if $(DATA),30,10)
+TRAIN_ARGS ?=
+EXPORT_ARGS ?=
+TFLITE_VENV := .venv-tflite
+
+.PHONY: help install train export test bench bench-train data clean
+
+help:
+	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline)"
+	@echo "make export                          TFLite float32 + int8 and ONNX, proven vs Keras"
+	@echo "make test                            the test suite (what CI runs)"
+	@echo "make bench | bench-train             speed figures for the edge runner / training"
+	@echo "make data                            fetch the tutorial's dataset into data/ (needs network)"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,test]"
+	@touch $@
+
+install: $(BIN)/.installed
+
+train: $(BIN)/.installed
+	$(BIN)/xray-edge train $(if $(DATA),--data "$(DATA)") --epochs $(EPOCHS) --out "$(OUT)" $(TRAIN_ARGS)
+
+export: $(BIN)/.installed
+	$(BIN)/xray-edge export --model "$(OUT)/model.keras" $(EXPORT_ARGS)
+
+# tflite-runtime 2.14 needs numpy<2 and Python <= 3.11: it gets its own environment, with the
+# edge package only (no TensorFlow), exactly as on a device.
+$(TFLITE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/pip install -q --disable-pip-version-check -e ".[tflite]" || \
+	  echo "warning: tflite-runtime could not be installed here; its tests will be skipped"
+	@touch $@
+
+test: $(BIN)/.installed $(TFLITE_VENV)/.installed
+	XRAY_EDGE_TFLITE_PYTHON=$(abspath $(TFLITE_VENV))/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: $(BIN)/.installed
+	$(BIN)/python scripts/bench_edge.py --artifacts "$(OUT)"
+
+bench-train: $(BIN)/.installed
+	$(BIN)/python scripts/bench_train.py
+
+data:
+	@mkdir -p data
+	@if [ -d data/education454-datasets/.git ]; then echo "data/education454-datasets already there"; \
+	elif git clone -q --depth 1 https://github.com/education454/datasets.git data/education454-datasets 2>/dev/null; then \
+	  echo "fetched: make train DATA=data/education454-datasets/Data"; \
+	else echo "error: cannot fetch the tutorial's dataset (offline?). Copy a folder laid out as DATA/train/<class>/* and run: make train DATA=path" >&2; exit 1; fi
+
+clean:
+	rm -rf $(OUT) data/phantom build *.egg-info src/*.egg-info

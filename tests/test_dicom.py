@@ -1,0 +1,93 @@
+"""DICOM through the one preprocessing: modality LUT, window, MONOCHROME1, and its failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid  # noqa: E402
+
+from xray_edge.edge.errors import ImageError  # noqa: E402
+from xray_edge.edge.preprocess import load_image  # noqa: E402
+
+
+def write_dicom(path: Path, pixels: np.ndarray | None, photometric="MONOCHROME2", bits=12,
+                slope=1.0, intercept=0.0, window=None, syntax=ExplicitVRLittleEndian) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PhotometricInterpretation = photometric
+    ds.SamplesPerPixel = 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape
+        if syntax.is_compressed:  # a JPEG 2000 codestream header, then noise: no decoder gets far
+            from pydicom.encaps import encapsulate
+
+            ds.PixelData = encapsulate([b"\xffO\xffQ" + bytes(200)])
+            ds["PixelData"].VR = "OB"
+        else:
+            ds.PixelData = pixels.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def ramp(h=256, w=256, top=4095) -> np.ndarray:
+    return np.tile(np.linspace(0, top, w).astype(np.uint16), (h, 1))
+
+
+def test_monochrome2_ramp_goes_dark_to_bright(tmp_path):
+    x = load_image(write_dicom(tmp_path / "a.dcm", ramp()))
+    assert x.shape == (200, 200, 3)
+    assert x[:, :5].mean() < 10 and x[:, -5:].mean() > 245
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    a = load_image(write_dicom(tmp_path / "m2.dcm", ramp()))
+    b = load_image(write_dicom(tmp_path / "m1.dcm", ramp(), photometric="MONOCHROME1"))
+    assert np.abs(a.astype(int) + b.astype(int) - 255).max() <= 1
+
+
+def test_window_is_applied_after_rescale(tmp_path):
+    # stored 0..4095, rescaled to -1024..3071 (HU-like); window 0 +- 500 -> left part black
+    p = write_dicom(tmp_path / "w.dcm", ramp(), slope=1.0, intercept=-1024, window=(0, 1000))
+    x = load_image(p)[0, :, 0].astype(int)
+    frac_black = (x == 0).mean()
+    frac_white = (x == 255).mean()
+    # -1024..-500 is black (about 13% of the ramp), 500..3071 white (about 63%)
+    assert 0.08 < frac_black < 0.2 and 0.55 < frac_white < 0.7
+
+
+def test_dicom_detected_by_preamble_without_suffix(tmp_path):
+    p = write_dicom(tmp_path / "IMG0001", ramp())
+    assert load_image(p).shape == (200, 200, 3)
+
+
+def test_dicom_without_pixel_data(tmp_path):
+    with pytest.raises(ImageError, match="no pixel data"):
+        load_image(write_dicom(tmp_path / "empty.dcm", None))
+
+
+def test_compressed_dicom_without_decoder_says_what_to_install(tmp_path):
+    p = write_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)
+    with pytest.raises(ImageError, match="decoder|cannot decode"):
+        load_image(p)
+
+
+def test_not_a_dicom_with_dcm_suffix(tmp_path):
+    p = tmp_path / "x.dcm"
+    p.write_bytes(b"hello")
+    with pytest.raises(ImageError, match="DICOM"):
+        load_image(p)
