@@ -77,17 +77,24 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
     Writes model.keras (best epoch), history.json, training.png, samples.png, metrics.json
     and roc.png (test split) to --out. Needs the training extra: pip install 'xray-edge[train]'.
     """
-    try:
-        from xray_edge.train.trainer import TrainConfig
-        from xray_edge.train.trainer import train as run_train
-    except ImportError as exc:
-        raise ToolError(f"training needs the extra: pip install 'xray-edge[train]' ({exc.name} missing)")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from xray_edge.train.dataset import discover
+
     try:
         if data is None:
             from xray_edge.train.phantom import generate_phantoms
 
             data = generate_phantoms(Path("data/phantom"), n_train=phantom_size, n_test=max(2, phantom_size // 4))
             click.echo(f"no --data: using synthetic phantoms in {data}", err=True)
+        discover(data)  # a bad dataset fails here, in a second, before Keras is even imported
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    try:
+        from xray_edge.train.trainer import TrainConfig
+        from xray_edge.train.trainer import train as run_train
+    except ImportError as exc:
+        raise ToolError(f"training needs the extra: pip install 'xray-edge[train]' ({exc.name} missing)")
+    try:
         cfg = TrainConfig(data=data, out=out, epochs=epochs, batch_size=batch_size,
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
                           zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
@@ -149,9 +156,10 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     except ImportError as exc:
         raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({exc.name} missing)")
     g = parity.Gates()
-    gates = parity.Gates(float_atol if float_atol is not None else g.float_max_abs_diff,
-                         int8_atol if int8_atol is not None else g.int8_max_abs_diff,
-                         int8_max_flips if int8_max_flips is not None else g.int8_max_flip_rate)
+    gates = parity.Gates(
+        float_max_abs_diff=float_atol if float_atol is not None else g.float_max_abs_diff,
+        int8_max_abs_diff=int8_atol if int8_atol is not None else g.int8_max_abs_diff,
+        int8_max_flip_rate=int8_max_flips if int8_max_flips is not None else g.int8_max_flip_rate)
     cfg = ExportConfig(model=model, out=out or model.parent,
                        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), data=data,
                        calibration_size=calibration_size, parity_size=parity_size,

@@ -33,15 +33,19 @@ class Format:
     name: str
     file: str
     runtime: str  # the edge backend that proves it
-    quantized: bool
+    precision: str  # which parity gates apply: float, float16 or int8
     description: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision == "int8"
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("float32", "xray_float32.tflite", "litert", False, "TFLite float32, builtin ops"),
-    Format("int8", "xray_int8.tflite", "litert", True, "TFLite full-integer int8, uint8 input"),
-    Format("onnx", "xray.onnx", "onnxruntime", False, "ONNX float32, dynamic batch"),
-    Format("float16", "xray_float16.tflite", "litert", False, "TFLite float16 weights"),
+    Format("float32", "xray_float32.tflite", "litert", "float", "TFLite float32, builtin ops"),
+    Format("int8", "xray_int8.tflite", "litert", "int8", "TFLite full-integer int8, uint8 input"),
+    Format("onnx", "xray.onnx", "onnxruntime", "float", "ONNX float32, dynamic batch"),
+    Format("float16", "xray_float16.tflite", "litert", "float16", "TFLite float16 weights"),
 )}
 DEFAULT_FORMATS = ("float32", "int8", "onnx")
 
@@ -145,7 +149,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             t = time.perf_counter()
             backend = open_backend(tmp, fmt.runtime)
             candidate = parity.predict_each(backend, par_images)
-            res = parity.compare(name, f"{fmt.runtime}", reference, candidate, info, fmt.quantized, cfg.gates)
+            res = parity.compare(name, f"{fmt.runtime}", reference, candidate, info, fmt.precision, cfg.gates)
             t_par = time.perf_counter() - t
             results.append(res)
             log(res.line())

@@ -1,0 +1,174 @@
+"""Parity: every exported format, loaded in its edge runtime, agrees with Keras on real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import export_folder, keras_probs, save_with_record, tiny_model
+from xray_edge.edge.backends import open_backend
+from xray_edge.edge.manifest import read_manifest
+from xray_edge.edge.preprocess import load_image
+from xray_edge.export.parity import FLOAT16_MAX_ABS_DIFF, FLOAT_MAX_ABS_DIFF, INT8_MAX_ABS_DIFF
+from xray_edge.export.pipeline import FORMATS
+
+TESTED_FORMATS: set[str] = set()
+
+
+def real_images(folder: Path, n: int = 12) -> np.ndarray:
+    from xray_edge.edge.inputs import walk_images
+
+    paths = list(walk_images(folder))
+    step = max(1, len(paths) // n)
+    return np.stack([load_image(p) for p in paths[::step][:n]])
+
+
+def check_against_keras(artifacts: Path, fmt: str, images: np.ndarray) -> float:
+    """Independently of the export's own check: load the file, run each image, compare."""
+    TESTED_FORMATS.add(fmt)
+    f = FORMATS[fmt]
+    manifest = read_manifest(artifacts / "manifest.json")
+    assert f.file in manifest["files"], manifest.get("rejected")
+    backend = open_backend(artifacts / f.file, f.runtime)
+    got = np.stack([backend.predict(x) for x in images])
+    ref = keras_probs(artifacts / "model.keras", images)
+    diff = float(np.abs(got - ref).max())
+    limit = {"float": FLOAT_MAX_ABS_DIFF, "float16": FLOAT16_MAX_ABS_DIFF, "int8": INT8_MAX_ABS_DIFF}
+    assert diff <= limit[f.precision], (fmt, diff)
+    assert np.ptp(ref) > 0 or fmt != "int8"  # outputs vary, so agreement is not trivial
+    return diff
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tiny_model_parity(tiny_artifacts, phantom_data, fmt):
+    # int8 ranges hold for images like the calibration set (here phantoms): measured, a tiny
+    # model calibrated on phantoms drifts by 0.23 on real X-rays. Real X-rays for int8 are
+    # covered by the model trained and calibrated on the shared set below.
+    check_against_keras(tiny_artifacts, fmt, real_images(phantom_data / "test", 12))
+
+
+@pytest.mark.parametrize("fmt", ["float32", "onnx", "float16"])
+def test_tiny_model_float_parity_on_real_xrays(tiny_artifacts, shared_data, fmt):
+    check_against_keras(tiny_artifacts, fmt, real_images(shared_data))
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8", "onnx"])
+def test_shared_trained_model_parity(shared_artifacts, shared_data, fmt):
+    check_against_keras(shared_artifacts, fmt, real_images(shared_data, 16))
+
+
+@pytest.fixture(scope="module")
+def full_untrained_artifacts(tmp_path_factory, phantom_data):
+    from xray_edge.train.model import build_model
+
+    import keras
+
+    keras.utils.set_random_seed(7)
+    folder = tmp_path_factory.mktemp("full")
+    path = save_with_record(build_model(2), folder, ["COVID19", "NORMAL"], phantom_data)
+    res = export_folder(path, formats=("float32", "onnx"), parity_size=16)
+    assert res.passed, [r.line() for r in res.results]
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["float32", "onnx"])
+def test_full_tutorial_model_parity(full_untrained_artifacts, shared_data, fmt):
+    check_against_keras(full_untrained_artifacts, fmt, real_images(shared_data, 8))
+
+
+def test_every_registered_format_has_a_parity_test():
+    """Runs last in this module (pytest keeps file order): a new format needs a test above."""
+    assert TESTED_FORMATS == set(FORMATS), f"formats without a parity test: {set(FORMATS) - TESTED_FORMATS}"
+
+
+# ---------------------------------------------------------------- the gate refuses broken files
+def test_wrong_calibration_scale_is_refused(tmp_path, phantom_data):
+    """The classic bug: calibrating on /255 pixels when the model takes 0-255. Must not ship."""
+    from xray_edge.export import tflite
+
+    model_path = save_with_record(tiny_model(seed=3), tmp_path, ["COVID19", "NORMAL"], phantom_data)
+    import keras
+
+    model = keras.saving.load_model(model_path)
+    wrong = np.stack([load_image(p) for p in sorted((phantom_data / "train").rglob("*.png"))[:16]])
+    broken = tflite.convert_int8(model, (wrong / 255.0).astype(np.float32))
+
+    def tamper(name, data):
+        from xray_edge.edge.metadata import tflite_with_metadata
+
+        return tflite_with_metadata(broken, {"labels": ["COVID19", "NORMAL"]}) if name == "int8" else data
+
+    (tmp_path / "xray_int8.tflite").write_bytes(b"an older file that must not survive")
+    res = export_folder(model_path, formats=("float32", "int8"), tamper=tamper)
+    int8 = next(r for r in res.results if r.format == "int8")
+    assert not int8.passed and "max|Δp|" in int8.failed_gates
+    assert not (tmp_path / "xray_int8.tflite").exists()
+    assert (tmp_path / "xray_float32.tflite").exists()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "xray_int8.tflite" not in manifest["files"] and "int8" in manifest["rejected"]
+    assert not list(tmp_path.glob(".*unproven*")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_weightless_file_is_refused(tmp_path, phantom_data):
+    """A constant-output model (what from_concrete_functions without tracking writes) fails."""
+    import keras
+
+    model_path = save_with_record(tiny_model(seed=4), tmp_path, ["COVID19", "NORMAL"], phantom_data)
+    constant = keras.Sequential([keras.Input((200, 200, 3)), keras.layers.GlobalAveragePooling2D(),
+                                 keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros")])
+    from xray_edge.export import onnx as onnx_export
+
+    def tamper(name, data):
+        return onnx_export.keras_to_onnx(constant, {"labels": ["COVID19", "NORMAL"]}) if name == "onnx" else data
+
+    with pytest.raises(onnx_export.UnsupportedLayer):
+        onnx_export.keras_to_onnx(constant, {})
+    constant2 = keras.Sequential([keras.Input((200, 200, 3)), keras.layers.Flatten(),
+                                  keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros")])
+    res = export_folder(model_path, formats=("onnx",),
+                        tamper=lambda n, d: onnx_export.keras_to_onnx(constant2, {"labels": ["A", "B"]}))
+    assert not res.passed and not (tmp_path / "xray.onnx").exists()
+
+
+def test_cli_export_exits_nonzero_when_a_gate_fails(tmp_path, phantom_data):
+    from conftest import run_cli
+
+    model_path = save_with_record(tiny_model(seed=5), tmp_path, ["COVID19", "NORMAL"], phantom_data)
+    r = run_cli("export", "--model", model_path, "--formats", "float32", "--float-atol", "0")
+    # a zero tolerance cannot be met by a converted float model (diffs ~1e-7): refused, exit 1
+    assert r.returncode == 1, r.stderr
+    assert "✗ float32" in r.stdout + r.stderr and "parity gate failed" in r.stderr
+    assert not (tmp_path / "xray_float32.tflite").exists()
+
+
+def test_manifest_binds_everything(tiny_artifacts):
+    m = read_manifest(tiny_artifacts / "manifest.json")
+    assert m["labels"] == ["COVID19", "NORMAL"] and m["threshold"] == 0.5
+    assert m["input"]["preprocessing"]["version"] and m["input"]["shape"] == [1, 200, 200, 3]
+    assert m["source_model"]["sha256"] and m["training"]["synthetic"] is True
+    assert {"tensorflow-cpu", "keras", "onnx"} & set(m["versions"])
+    from xray_edge.edge.files import sha256_file
+
+    for name, entry in m["files"].items():
+        assert entry["sha256"] == sha256_file(tiny_artifacts / name)
+        assert entry["size"] == (tiny_artifacts / name).stat().st_size
+        assert entry["parity"]["passed"] and entry["parity"]["images"] > 0
+    int8 = m["files"]["xray_int8.tflite"]
+    assert int8["input"]["dtype"] == "uint8" and int8["input"]["quantization"][0] > 0
+    onnx_entry = m["files"]["xray.onnx"]
+    assert onnx_entry["input"]["name"] == "image" and onnx_entry["input"]["shape"][0] is None
+
+
+def test_int8_file_has_no_float_ops_and_builtins_only(tiny_artifacts):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(tiny_artifacts / "xray_int8.tflite"))
+    ops = {op["op_name"] for op in it._get_ops_details()}
+    assert not any(o.startswith("Flex") for o in ops)
+    assert "QUANTIZE" not in ops or True  # input is already uint8; quantize ops may remain inside
+    tensors = it.get_tensor_details()
+    weights = [t for t in tensors if t["name"].endswith("MatMul") or "Conv2D" in t["name"]]
+    assert all(np.dtype(t["dtype"]) in (np.int8, np.int32, np.uint8) for t in weights)

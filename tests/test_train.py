@@ -1,0 +1,191 @@
+"""The recipe, the data loader's errors, collapse detection, and a short real run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xray_edge.edge.errors import DatasetError
+from xray_edge.train.dataset import discover, stratified_split
+
+
+def test_layer_stack_is_the_tutorials():
+    from xray_edge.train.model import build_model
+
+    m = build_model(2)
+    kinds = [(type(l).__name__, getattr(l, "filters", None) or getattr(l, "units", None))
+             for l in m.layers]
+    assert kinds == [("Rescaling", None), ("Conv2D", 32), ("MaxPooling2D", None), ("Dropout", None),
+                     ("Conv2D", 64), ("MaxPooling2D", None), ("Dropout", None), ("Flatten", None),
+                     ("Dense", 256), ("Dropout", None), ("Dense", 1)]
+    assert tuple(m.inputs[0].shape[1:]) == (200, 200, 3)
+    convs = [l for l in m.layers if type(l).__name__ == "Conv2D"]
+    assert all(c.kernel_size == (5, 5) and c.padding == "same" for c in convs)
+    assert m.layers[-1].activation.__name__ == "sigmoid"
+    # by hand: conv 5*5*3*32+32, conv 5*5*32*64+64, dense (50*50*64)*256+256, out 256+1
+    assert m.count_params() == 2_432 + 51_264 + 40_960_256 + 257
+    assert build_model(3).layers[-1].units == 3 and build_model(3).layers[-1].activation.__name__ == "softmax"
+
+
+def test_pixel_scaling_is_inside_the_model():
+    import keras
+
+    from xray_edge.train.model import build_model
+
+    m = build_model(2)
+    assert m.layers[0].scale == pytest.approx(1 / 255)
+    # the rest of the network fed x/255 by hand equals the whole model fed raw 0-255 pixels
+    x = np.random.default_rng(0).integers(0, 256, (2, 200, 200, 3)).astype("float32")
+    rest = keras.Sequential(m.layers[1:])
+    np.testing.assert_allclose(m(x, training=False), rest(x / 255, training=False), rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_only_in_training():
+    import keras
+
+    from xray_edge.train.augment import ZoomFlip
+
+    layer = ZoomFlip(0.2, True, seed=1)
+    x = np.random.default_rng(0).integers(0, 256, (4, 200, 200, 3)).astype("float32")
+    assert np.array_equal(np.asarray(layer(x, training=False)), x)
+    y = np.asarray(layer(x, training=True))
+    assert y.shape == x.shape and not np.allclose(y, x)
+    assert y.min() >= 0 and y.max() <= 255  # convex combinations of pixels
+
+
+def test_zoom_one_without_flip_is_identity_and_flip_mirrors():
+    from keras import ops
+
+    from xray_edge.train.augment import _resampler
+
+    x = np.random.default_rng(0).random((1, 6, 6, 1)).astype("float32")
+    ident = np.asarray(_resampler(ops.convert_to_tensor([1.0]), 6, "float32"))[0]
+    np.testing.assert_allclose(ident, np.eye(6), atol=1e-6)
+    mirror = np.asarray(_resampler(ops.convert_to_tensor([-1.0]), 6, "float32"))[0]
+    np.testing.assert_allclose(mirror @ x[0, 0, :, 0], x[0, 0, ::-1, 0], atol=1e-6)
+
+
+def test_validation_is_never_augmented(tmp_path, phantom_data):
+    """Keras evaluates validation with training=False; check the trainer's model routes it so."""
+    import keras
+
+    from xray_edge.train.augment import ZoomFlip
+
+    inner = keras.Sequential([keras.Input((200, 200, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    wrapper = keras.Sequential([keras.Input((200, 200, 3)), ZoomFlip(0.2, True, seed=0), inner])
+    x = np.random.default_rng(0).integers(0, 256, (4, 200, 200, 3)).astype("float32")
+    np.testing.assert_allclose(wrapper.predict(x, verbose=0), inner.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_stratified_split_keeps_class_shares():
+    labels = np.array([0] * 50 + [1] * 30)
+    keep, held = stratified_split(labels, 0.2, seed=3)
+    assert len(set(keep) & set(held)) == 0 and len(keep) + len(held) == 80
+    assert (labels[held] == 0).sum() == 10 and (labels[held] == 1).sum() == 6
+    assert np.array_equal(held, stratified_split(labels, 0.2, seed=3)[1])
+
+
+# ------------------------------------------------------------------ dataset errors
+def _img(p: Path):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(p)
+
+
+def test_missing_train_folder(tmp_path):
+    with pytest.raises(DatasetError, match="train"):
+        discover(tmp_path)
+
+
+def test_one_class_only(tmp_path):
+    _img(tmp_path / "train" / "NORMAL" / "a.png")
+    with pytest.raises(DatasetError, match="at least two class"):
+        discover(tmp_path)
+
+
+def test_empty_class(tmp_path):
+    _img(tmp_path / "train" / "NORMAL" / "a.png")
+    (tmp_path / "train" / "COVID19").mkdir()
+    with pytest.raises(DatasetError, match="COVID19.*no images"):
+        discover(tmp_path)
+
+
+def test_classes_sorted_and_non_images_skipped(tmp_path):
+    _img(tmp_path / "train" / "NORMAL" / "a.png")
+    _img(tmp_path / "train" / "COVID19" / "b.png")
+    (tmp_path / "train" / "COVID19" / "notes.txt").write_text("hi")
+    ds = discover(tmp_path)
+    assert ds.classes == ["COVID19", "NORMAL"] and len(ds.train) == 2
+    assert [Path(s).name for s in ds.skipped] == ["notes.txt"]
+
+
+def test_cli_reports_dataset_error_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("train", "--data", tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "train" in r.stderr
+
+
+# ------------------------------------------------------------------ real training runs
+def _with_corrupt_file(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "train" / "NORMAL" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return dst
+
+
+def test_short_run_on_phantoms_writes_everything_and_skips_bad_files(tmp_path, phantom_data, capfd):
+    from xray_edge.train.trainer import TrainConfig, train
+
+    data = _with_corrupt_file(phantom_data, tmp_path / "data")
+    out = tmp_path / "out"
+    res = train(TrainConfig(data=data, out=out, epochs=2, learning_rate=1e-4, verbose=0,
+                            cache_dir=tmp_path / "cache"))
+    for f in ("model.keras", "history.json", "training.png", "samples.png", "metrics.json",
+              "roc.png", "training.json"):
+        assert (out / f).stat().st_size > 0, f
+    err = capfd.readouterr().err
+    assert "broken.jpg" in err and "SYNTHETIC" in err
+    rec = json.loads((out / "training.json").read_text())
+    assert rec["synthetic"] is True and rec["classes"] == ["COVID19", "NORMAL"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["synthetic"] is True and {"loss", "accuracy", "roc_auc", "sensitivity", "specificity"} <= set(m)
+    assert len(m["sensitivity"]["ci95"]) == 2
+    assert not set(rec["files"]["validation"]) & set(rec["files"]["train"])
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # train, validation, test decoded once
+    from xray_edge.train.trainer import read_model_metadata
+
+    assert read_model_metadata(out / "model.keras")["synthetic"] is True
+
+
+def test_same_seed_same_run(tmp_path, phantom_data):
+    from xray_edge.train.trainer import TrainConfig, train
+
+    runs = [train(TrainConfig(data=phantom_data, out=tmp_path / str(i), epochs=1, verbose=0,
+                              cache_dir=tmp_path / "cache", plots=False)).history for i in range(2)]
+    assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-5)
+
+
+def test_collapse_is_detected_and_not_saved_as_model(tmp_path, phantom_data):
+    from xray_edge.train.trainer import TrainConfig, TrainingCollapsed, train
+
+    with pytest.raises(TrainingCollapsed, match="collapsed"):
+        train(TrainConfig(data=phantom_data, out=tmp_path, epochs=2, learning_rate=1.0, verbose=0,
+                          cache_dir=tmp_path / "cache", plots=False))
+    assert not (tmp_path / "model.keras").exists()
+    assert (tmp_path / "model.collapsed.keras").exists()
+    assert json.loads((tmp_path / "training.json").read_text())["validation"]["collapsed"] is True
+
+
+def test_short_real_run_on_shared_set(shared_artifacts):
+    rec = json.loads((shared_artifacts / "training.json").read_text())
+    assert rec["synthetic"] is False and rec["classes"] == ["COVID19", "NORMAL"]
+    assert rec["validation"]["collapsed"] is False
+    assert rec["validation"]["roc_auc"] > 0.8, rec["validation"]
+    m = json.loads((shared_artifacts / "metrics.json").read_text())
+    assert "held out" in m["source"]  # the shared set has no test/
