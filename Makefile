@@ -43,6 +43,8 @@ $(TFLITE_VENV)/.installed: pyproject.toml
 	@touch $@
 
 test: $(BIN)/.installed $(TFLITE_VENV)/.installed
+	@# tflite-runtime beside numpy 2 too, without its deps: the tests check the runner's advice
+	-$(BIN)/pip install -q --disable-pip-version-check --no-deps "tflite-runtime; python_version<'3.12'"
 	XRAY_EDGE_TFLITE_PYTHON=$(abspath $(TFLITE_VENV))/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed
