@@ -25,6 +25,7 @@ from xray_edge.edge.errors import XrayEdgeError
 from xray_edge.edge.files import atomic_write_json, sha256_file
 from xray_edge.edge.preprocess import DEFAULT, Preprocessing
 from xray_edge import metrics
+from xray_edge.train.augment import ZoomFlip
 from xray_edge.train.dataset import Dataset, Split, discover, stratified_split
 
 # A run is called collapsed when its validation outputs barely move or rank no better than chance.
@@ -76,7 +77,6 @@ def positive_index(classes: list[str], requested: str | None) -> int:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the whole recipe; see the module docstring. Raises TrainingCollapsed, DatasetError."""
-    from xray_edge.train.augment import ZoomFlip
     from xray_edge.train.cache import decode_images
     from xray_edge.train.model import build_model
 
@@ -102,12 +102,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     n_classes = len(ds.classes)
     binary = n_classes == 2
     model = build_model(n_classes, cfg.preprocessing)
-    trainer = keras.Sequential([keras.Input(cfg.preprocessing.shape, name="image"),
-                                ZoomFlip(cfg.zoom, cfg.flip, seed=cfg.seed, name="augment"),
-                                model], name="xray_cnn_training")
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                    loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-                    metrics=["accuracy"])
+    trainer = training_model(model, cfg)
     x_tr, y_tr, _ = decoded["train"]
     x_val, y_val, _ = decoded["validation"]
     best = BestWeights(model)
@@ -183,6 +178,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     record["seconds"]["total"] = time.perf_counter() - t_start
     atomic_write_json(cfg.out / "training.json", record)
     return TrainResult(model_path, metrics_doc, history, record)
+
+
+def training_model(model: keras.Model, cfg: TrainConfig) -> keras.Model:
+    """`model` behind the augmentation layer, compiled with the recipe's optimizer and loss.
+
+    The augmentation is active only when Keras calls it with training=True (fit's training
+    steps), so validation and prediction see the images as they are.
+    """
+    binary = int(model.outputs[0].shape[-1]) == 1
+    trainer = keras.Sequential([keras.Input(cfg.preprocessing.shape, name="image"),
+                                ZoomFlip(cfg.zoom, cfg.flip, seed=cfg.seed, name="augment"),
+                                model], name="xray_cnn_training")
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                    loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+                    metrics=["accuracy"])
+    return trainer
 
 
 class BestWeights(keras.callbacks.Callback):
