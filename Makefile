@@ -12,11 +12,12 @@ TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 TFLITE_VENV := .venv-tflite
 
-.PHONY: help install train export test bench bench-train data clean
+.PHONY: help install train export report test bench bench-train data clean
 
 help:
 	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline)"
 	@echo "make export                          TFLite float32 + int8 and ONNX, proven vs Keras"
+	@echo "make report                          per-format table: size, speed, parity, clinical figures"
 	@echo "make test                            the test suite (what CI runs)"
 	@echo "make bench | bench-train             speed figures for the edge runner / training"
 	@echo "make data                            fetch the tutorial's dataset into data/ (needs network)"
@@ -33,6 +34,9 @@ train: $(BIN)/.installed
 
 export: $(BIN)/.installed
 	$(BIN)/xray-edge export --model "$(OUT)/model.keras" $(EXPORT_ARGS)
+
+report: $(BIN)/.installed
+	$(BIN)/xray-edge report --artifacts "$(OUT)"
 
 # tflite-runtime 2.14 needs numpy<2 and Python <= 3.11: it gets its own environment, with the
 # edge package only (no TensorFlow), exactly as on a device.

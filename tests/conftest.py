@@ -79,10 +79,14 @@ def save_with_record(model, folder: Path, classes, data: Path) -> Path:
     test = [str(p) for p in walk_images(data / "test")] if (data / "test").is_dir() else train[1::2]
     if not (data / "test").is_dir():
         train = train[0::2]
+    def label(p: str) -> int:
+        return next(i for i, c in enumerate(classes) if f"/{c}/" in p)
+
     (folder / "training.json").write_text(json.dumps({
         "classes": list(classes), "synthetic": (data / "SYNTHETIC").exists(), "data": str(data),
         "preprocessing": DEFAULT.to_dict(), "positive_class": classes[0],
-        "files": {"train": train, "validation": [], "test": test}}))
+        "files": {"train": train, "validation": [], "test": test},
+        "labels": {"train": [label(p) for p in train], "validation": [], "test": [label(p) for p in test]}}))
     return path
 
 

@@ -55,10 +55,19 @@ def test_threshold_for_sensitivity_meets_target():
         t = metrics.threshold_for_sensitivity(y, s, target)
         sens = (s[y == 1] >= t).mean()
         assert sens >= target
-        # and it is the highest such threshold: any higher positive score misses the target
-        higher = s[(y == 1) & (s > t)]
-        if len(higher):
-            assert (s[y == 1] >= higher.min()).mean() < target
+        # the highest interval that meets it: just above the next positive score misses it
+        higher = np.sort(s[(y == 1) & (s >= t)])
+        if target < 1.0:
+            assert (s[y == 1] >= np.nextafter(higher[0], 2)).mean() < target
+        assert not np.any(s == t)  # no case sits on the threshold
+
+
+def test_threshold_for_sensitivity_by_hand():
+    y = np.array([1, 1, 1, 1, 0, 0, 0])
+    s = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.2, 0.1])
+    # 75% of 4 positives = 3: the third-highest positive is 0.6; next lower score is 0.3
+    assert metrics.threshold_for_sensitivity(y, s, 0.75) == pytest.approx(0.45)
+    assert metrics.threshold_for_sensitivity(y, s, 1.0) == pytest.approx(0.25)
 
 
 def test_confusion_matrix():

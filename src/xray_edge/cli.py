@@ -136,14 +136,17 @@ def _default_cache_dir() -> Path:
 @click.option("--parity-size", type=click.IntRange(1), default=200, show_default=True,
               help="Held-out images on which every format is compared with Keras.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
-              help="Decision threshold on P(labels[1]) recorded in the manifest. Default: 0.5.")
+              help="Decision threshold on P(labels[1]) to record in the manifest. "
+                   "Default: chosen on the validation split for --target-sensitivity.")
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Sensitivity for the disease class that the chosen threshold must reach on validation.")
 @click.option("--float-atol", type=float, default=None, help="Gate: max |Δp| for float formats (default 1e-4).")
 @click.option("--int8-atol", type=float, default=None, help="Gate: max |Δp| for int8 (default 0.05).")
 @click.option("--int8-max-flips", type=float, default=None,
               help="Gate: share of parity images whose decision may flip in int8 (default 0.01).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export(model, out, formats, data, calibration_size, parity_size, threshold, float_atol, int8_atol,
-           int8_max_flips, as_json):
+def export(model, out, formats, data, calibration_size, parity_size, threshold, target_sensitivity,
+           float_atol, int8_atol, int8_max_flips, as_json):
     """Convert model.keras to TFLite float32, TFLite int8 and ONNX, each proven against Keras.
 
     Each file is loaded back in its edge runtime and compared with Keras on held-out real
@@ -163,7 +166,7 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     cfg = ExportConfig(model=model, out=out or model.parent,
                        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), data=data,
                        calibration_size=calibration_size, parity_size=parity_size,
-                       threshold=threshold, gates=gates)
+                       threshold=threshold, target_sensitivity=target_sensitivity, gates=gates)
     try:
         result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
     except XrayEdgeError as exc:
@@ -187,6 +190,36 @@ def format_files_table(manifest: dict) -> str:
                      f"{p['max_abs_diff']:.1e}", f"{p['decision_flips']}/{p['images']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# --------------------------------------------------------------------------- report
+@main.command()
+@click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=Path("artifacts"), show_default=True, help="Folder with manifest.json and model.keras.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Test images as DATA/<class>/* or DATA/test/<class>/*. Default: the training's test split.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+def report(artifacts, data, as_json):
+    """Measure every exported format on the same test images; write report.md, report.json, plots.
+
+    One row per format, Keras first: size, load time, batch-of-one latency, max |Δp| and flips vs
+    Keras, accuracy, ROC AUC, sensitivity and specificity with 95% Wilson intervals, at the
+    manifest's operating point and at 0.5.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from xray_edge.report import render
+    from xray_edge.report.build import build_report
+
+    try:
+        rep = build_report(artifacts, data)
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    render.write(rep, artifacts)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    click.echo(render.table(rep))
+    click.echo(f"\nwrote {artifacts / 'report.md'}, report.json and report_*.png")
 
 
 # --------------------------------------------------------------------------- classify

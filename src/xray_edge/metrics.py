@@ -90,10 +90,18 @@ def binary_report(y_true: np.ndarray, pos_score: np.ndarray, threshold: float) -
 
 
 def threshold_for_sensitivity(y_true: np.ndarray, pos_score: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity on these cases is at least `target`."""
+    """A threshold on the positive score whose sensitivity on these cases is at least `target`.
+
+    Among the thresholds that meet the target it takes the highest interval, and returns its
+    midpoint: halfway between the k-th highest positive score and the next lower score of any
+    case, so no case sits exactly on the threshold (where int8 rounding would flip it).
+    """
     y = np.asarray(y_true).astype(bool)
-    pos = np.sort(np.asarray(pos_score, dtype=np.float64)[y])[::-1]
+    s = np.asarray(pos_score, dtype=np.float64)
+    pos = np.sort(s[y])[::-1]
     if len(pos) == 0:
         raise ValueError("no positive cases to set a sensitivity target on")
     k = max(1, math.ceil(target * len(pos) - 1e-9))
-    return float(pos[k - 1])
+    edge = float(pos[k - 1])
+    below = s[s < edge]
+    return (edge + float(below.max())) / 2 if len(below) else edge / 2

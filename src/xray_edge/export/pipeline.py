@@ -26,6 +26,7 @@ from xray_edge.edge.manifest import MANIFEST_NAME, SCHEMA_VERSION
 from xray_edge.edge.metadata import ModelInfo, tflite_with_metadata
 from xray_edge.edge.preprocess import Preprocessing
 from xray_edge.export import calibration, parity
+from xray_edge.export.operating_point import DEFAULT_TARGET_SENSITIVITY, choose_threshold
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class ExportConfig:
     calibration_size: int = 200
     parity_size: int = 200
     seed: int = 0
-    threshold: float | None = None  # default: the training record's, else 0.5
+    threshold: float | None = None  # None: chosen on validation for target_sensitivity
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     gates: parity.Gates = field(default_factory=parity.Gates)
     # Hook for tests: lets a test corrupt a converted file before it is proven.
     tamper: Callable[[str, bytes], bytes] | None = None
@@ -111,9 +113,17 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     if not classes:
         raise XrayEdgeError(f"{cfg.model}: no class names (no training.json beside it)")
     spec = Preprocessing.from_dict(record.get("preprocessing") or meta.get("preprocessing") or {})
-    threshold = cfg.threshold if cfg.threshold is not None else record.get("threshold", 0.5)
     synthetic = bool(record.get("synthetic", meta.get("synthetic", False)))
     binary = int(model.outputs[0].shape[-1]) == 1
+    if cfg.threshold is not None:
+        threshold, operating_point = cfg.threshold, {"threshold": cfg.threshold, "chosen_on": "given by the user"}
+    elif binary:
+        threshold, operating_point = choose_threshold(
+            model, record, spec, cfg.target_sensitivity,
+            lambda paths, s: decode_images(paths, s, None, label="validation images"))
+    else:
+        threshold, operating_point = None, {"threshold": None, "chosen_on": "softmax: highest probability"}
+    log(f"threshold: {threshold if threshold is None else round(threshold, 4)} ({operating_point['chosen_on']})")
     info = ModelInfo(tuple(classes), threshold if binary else None, spec, synthetic_data=synthetic)
 
     sets = calibration.image_sets(record_path if record else None, cfg.data, cfg.calibration_size,
@@ -185,6 +195,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
                    if binary else
                    {"kind": "softmax", "units": len(info.labels), "meaning": "probability per label, in order"}),
         "threshold": info.threshold,
+        "operating_point": operating_point,
         "positive_class": record.get("positive_class"),
         "input": {"shape": [1, *spec.shape], "dtype": spec.dtype, "preprocessing": spec.to_dict()},
         "default": next((FORMATS[f].file for f in ("int8", "float32", "onnx", "float16")

@@ -56,7 +56,7 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, paths: list, classes: li
     for ax, i in zip(axes.ravel(), chosen):
         ax.imshow(images[i])
         name = Path(paths[i]).name
-        ax.set_title(f"{classes[labels[i]]}\n{name[:28]}", fontsize=8)
+        ax.set_title(f"{classes[labels[i]]}\n{name if len(name) <= 34 else name[:31] + '...'}", fontsize=8)
     _save(fig, path)
 
 

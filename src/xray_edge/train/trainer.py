@@ -136,6 +136,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "counts": {k: dict(zip(ds.classes, np.bincount(v[1], minlength=n_classes).tolist()))
                    for k, v in decoded.items()},
         "files": {k: [str(p.resolve()) for p in v[2].paths] for k, v in decoded.items()},
+        "labels": {k: v[1].tolist() for k, v in decoded.items()},  # class index per file above
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                    if k not in ("preprocessing", "data", "out", "cache_dir")},
         "preprocessing": cfg.preprocessing.to_dict(),

@@ -1,0 +1,58 @@
+"""The per-format report and the operating point chosen for a target sensitivity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import keras_probs, run_cli
+from xray_edge.edge.classify import decide
+from xray_edge.edge.metadata import ModelInfo
+from xray_edge.edge.preprocess import load_image
+
+
+def test_threshold_meets_target_sensitivity_on_validation(shared_artifacts):
+    """Recompute, independently of export: Keras on the validation files, the runner's rule."""
+    m = json.loads((shared_artifacts / "manifest.json").read_text())
+    rec = json.loads((shared_artifacts / "training.json").read_text())
+    op = m["operating_point"]
+    assert op["chosen_on"].startswith("validation split") and op["target_sensitivity"] == 0.95
+    paths = [Path(p) for p in rec["files"]["validation"]]
+    y = np.asarray(rec["labels"]["validation"])
+    probs = keras_probs(shared_artifacts / "model.keras", np.stack([load_image(p) for p in paths]))
+    info = ModelInfo(tuple(m["labels"]), m["threshold"])
+    called = np.array([decide(p, info, m["threshold"])[0] for p in probs])
+    positive = m["positive_class"]
+    sens = (called[y == m["labels"].index(positive)] == positive).mean()
+    assert sens >= 0.95, (sens, m["threshold"])
+
+
+def test_report_rows_and_columns_filled(shared_artifacts):
+    r = run_cli("report", "--artifacts", shared_artifacts, "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout[r.stdout.index("{"):])
+    formats = [row["format"].split()[0] for row in rep["rows"]]
+    assert formats[0] == "keras" and set(formats[1:]) == {"float32", "int8", "onnx"}
+    n = sum(rep["images_per_class"].values())
+    assert n == len(rep["labels"]) > 10
+    for row in rep["rows"]:
+        assert row["size_mb"] > 1 and row["latency_p50_ms"] > 0 and len(row["probabilities"]) == n
+        for key in ("at_manifest_threshold", "at_0.5"):
+            at = row[key]
+            assert at["sensitivity"]["n"] + at["specificity"]["n"] == n
+            lo, hi = at["sensitivity"]["ci95"]
+            assert 0 <= lo <= at["sensitivity"]["value"] <= hi <= 1
+    assert rep["rows"][0]["max_abs_diff_vs_keras"] == 0.0 and rep["rows"][0]["at_0.5"]["flips_vs_keras"] == 0
+    md = (shared_artifacts / "report.md").read_text()
+    assert "Not a medical device" in md and md.count("| keras") == 2
+    for png in ("report_roc.png", "report_confusion.png", "report_calibration.png"):
+        assert (shared_artifacts / png).stat().st_size > 5000
+
+
+def test_report_marks_synthetic_data(tiny_artifacts):
+    r = run_cli("report", "--artifacts", tiny_artifacts)
+    assert r.returncode == 0, r.stderr
+    assert "SYNTHETIC" in (tiny_artifacts / "report.md").read_text()
