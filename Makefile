@@ -12,13 +12,14 @@ TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 TFLITE_VENV := .venv-tflite
 
-.PHONY: help install train export report test bench bench-train data clean
+.PHONY: help install train export report test pi-test bench bench-train data clean
 
 help:
 	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline)"
 	@echo "make export                          TFLite float32 + int8 and ONNX, proven vs Keras"
 	@echo "make report                          per-format table: size, speed, parity, clinical figures"
 	@echo "make test                            the test suite (what CI runs)"
+	@echo "make pi-test                         classify on arm64 Debian 12 under qemu, compare with host"
 	@echo "make bench | bench-train             speed figures for the edge runner / training"
 	@echo "make data                            fetch the tutorial's dataset into data/ (needs network)"
 
@@ -50,6 +51,11 @@ test: $(BIN)/.installed $(TFLITE_VENV)/.installed
 	@# tflite-runtime beside numpy 2 too, without its deps: the tests check the runner's advice
 	-$(BIN)/pip install -q --disable-pip-version-check --no-deps "tflite-runtime; python_version<'3.12'"
 	XRAY_EDGE_TFLITE_PYTHON=$(abspath $(TFLITE_VENV))/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The edge runner on a Raspberry Pi's software stack (arm64 Debian 12, Python 3.11) under qemu-user.
+pi-test: $(BIN)/.installed $(TFLITE_VENV)/.installed
+	@command -v qemu-aarch64-static >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null; }
+	XRAY_EDGE_TFLITE_PYTHON=$(abspath $(TFLITE_VENV))/bin/python $(BIN)/python scripts/pi_test.py $(PI_ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench_edge.py --artifacts "$(OUT)"

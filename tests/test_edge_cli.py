@@ -23,9 +23,10 @@ def _lines(text: str) -> list[str]:
 
 
 def _keras_labels(artifacts: Path, paths: list[Path]) -> list[str]:
-    labels = json.loads((artifacts / "manifest.json").read_text())["labels"]
+    m = json.loads((artifacts / "manifest.json").read_text())
+    labels, thr = m["labels"], m["threshold"]
     p = keras_probs(artifacts / "model.keras", np.stack([load_image(x) for x in paths]))[:, 0]
-    return [labels[1] if v >= 0.5 else labels[0] for v in p]
+    return [labels[1] if v >= thr else labels[0] for v in p]
 
 
 @pytest.mark.parametrize("file_name", ["xray_int8.tflite", "xray_float32.tflite", "xray.onnx"])
