@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_edge.edge.backends import open_backend
 from xray_edge.edge.classify import Classifier
-from xray_edge.edge.model import model_info, resolve_model
+from xray_edge.edge.model import open_model
 from xray_edge.edge.preprocess import load_image
 
 
@@ -34,11 +33,10 @@ def synthetic_jpeg(path: Path, size: int = 1024) -> Path:
 
 def run_bench(model: str, file_name: str | None, backend: str = "auto", runs: int = 100,
               image: Path | None = None, threads: int | None = None) -> dict:
-    resolved = resolve_model(model, file_name)
     t = time.perf_counter()
-    be = open_backend(resolved.path, backend, threads)
-    load_ms = (time.perf_counter() - t) * 1e3
-    info = model_info(resolved, be)
+    loaded = open_model(model, file_name, backend, threads)
+    load_ms = (time.perf_counter() - t) * 1e3  # includes the sha256 check, as in classify
+    be, info, resolved = loaded.backend, loaded.info, loaded.resolved
     clf = Classifier(be, info)
     with tempfile.TemporaryDirectory() as tmp:
         img_path = image or synthetic_jpeg(Path(tmp) / "bench.jpg")
@@ -63,6 +61,7 @@ def run_bench(model: str, file_name: str | None, backend: str = "auto", runs: in
     return {
         "model": str(resolved.path),
         "backend": f"{be.name} {be.version}",
+        "threads": threads,
         "size_mb": round(resolved.path.stat().st_size / 1e6, 2),
         "load_ms": round(load_ms, 1),
         "first_invoke_ms": round(first_ms, 2),

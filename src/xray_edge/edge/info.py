@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from xray_edge.edge.backends import open_backend
-from xray_edge.edge.files import sha256_file
-from xray_edge.edge.model import model_info, resolve_model
+from xray_edge.edge.model import open_model
 
 
 def describe(model: str, file_name: str | None = None) -> dict:
-    resolved = resolve_model(model, file_name)
-    backend = open_backend(resolved.path, "auto")
-    info = model_info(resolved, backend)
+    loaded = open_model(model, file_name)
+    resolved, backend, info = loaded.resolved, loaded.backend, loaded.info
     entry = resolved.entry or {}
     out = {
         "file": str(resolved.path),
         "format": info.format or entry.get("format", resolved.path.suffix.lstrip(".")),
         "size_bytes": resolved.path.stat().st_size,
-        "sha256": sha256_file(resolved.path),
+        "sha256": loaded.sha256,
         "manifest": ("sha256 matches manifest.json" if resolved.manifest is not None
                      else "no manifest beside it: using the file's embedded metadata"),
         "labels": list(info.labels),

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 from xray_edge.edge.errors import ModelError
-from xray_edge.edge.files import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -34,17 +33,16 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
-def verify_file(manifest: dict, model_path: Path) -> dict:
-    """Check the model file against its manifest entry; return that entry.
-
-    Raises:
-        ModelError: the file is not listed, or its sha256 differs (corrupt or replaced copy).
-    """
+def manifest_entry(manifest: dict, model_path: Path) -> dict:
+    """The manifest's entry for a model file; ModelError when the file is not listed."""
     entry = manifest["files"].get(model_path.name)
     if not isinstance(entry, dict) or "sha256" not in entry:
         raise ModelError(f"{model_path}: not listed in its folder's {MANIFEST_NAME}")
-    actual = sha256_file(model_path)
+    return entry
+
+
+def check_digest(entry: dict, model_path: Path, actual: str) -> None:
+    """Raise ModelError when the file's sha256 is not the one the manifest recorded."""
     if actual != entry["sha256"]:
         raise ModelError(f"{model_path}: sha256 {actual[:12]}... does not match the manifest's "
                          f"{str(entry['sha256'])[:12]}... (corrupt or replaced file)")
-    return entry

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from xray_edge.edge.backends import open_backend
 from xray_edge.edge.errors import ModelError
-from xray_edge.edge.manifest import MANIFEST_NAME, read_manifest, verify_file
+from xray_edge.edge.files import sha256_file
+from xray_edge.edge.manifest import MANIFEST_NAME, check_digest, manifest_entry, read_manifest
 from xray_edge.edge.metadata import ModelInfo, read_tflite_metadata
 
 DEFAULT_FILE = "xray_int8.tflite"  # smallest and fastest on a Pi; the manifest may name another
@@ -19,11 +22,50 @@ class ResolvedModel:
     entry: dict | None  # the manifest's entry for this file
 
 
-def resolve_model(model: str | Path, file_name: str | None = None) -> ResolvedModel:
-    """Turn `--model` (an artifacts folder or a model file) into a verified model file.
+@dataclass(frozen=True)
+class LoadedModel:
+    resolved: ResolvedModel
+    backend: object  # see xray_edge.edge.backends
+    info: ModelInfo
+    sha256: str
 
-    A folder needs its manifest; a file is verified against a manifest beside it when that
-    manifest lists it, and otherwise stands alone on its embedded metadata.
+    @property
+    def path(self) -> Path:
+        return self.resolved.path
+
+
+def open_model(model: str | Path, file_name: str | None = None, backend: str = "auto",
+               threads: int | None = None) -> LoadedModel:
+    """Resolve, load and verify a model: the one entry point of classify, info and bench.
+
+    The sha256 is computed on a second thread while the runtime loads the file (both release
+    the GIL), so the check costs no start-up time; nothing is classified before it passes.
+
+    Raises:
+        ModelError: missing/malformed manifest, unlisted or mismatching file, unloadable model.
+        RuntimeMissing: no runtime installed for this file type.
+    """
+    resolved = resolve_model(model, file_name)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(sha256_file, resolved.path)
+        try:
+            be = open_backend(resolved.path, backend, threads)
+        except ModelError:
+            if resolved.entry is not None:  # a mismatch is the better diagnosis of a bad file
+                check_digest(resolved.entry, resolved.path, digest.result())
+            raise
+        sha = digest.result()
+    if resolved.entry is not None:
+        check_digest(resolved.entry, resolved.path, sha)
+    return LoadedModel(resolved, be, model_info(resolved, be), sha)
+
+
+def resolve_model(model: str | Path, file_name: str | None = None) -> ResolvedModel:
+    """Turn `--model` (an artifacts folder or a model file) into a model file and its manifest entry.
+
+    A folder needs its manifest; a file is checked against a manifest beside it when that
+    manifest lists it, and otherwise stands alone on its embedded metadata. (The sha256 check
+    itself is in `open_model`.)
     """
     p = Path(model)
     if p.is_dir():
@@ -33,14 +75,14 @@ def resolve_model(model: str | Path, file_name: str | None = None) -> ResolvedMo
         if not path.is_file():
             listed = ", ".join(sorted(manifest["files"])) or "none"
             raise ModelError(f"{path}: not found (the manifest lists: {listed})")
-        return ResolvedModel(path, manifest, verify_file(manifest, path))
+        return ResolvedModel(path, manifest, manifest_entry(manifest, path))
     if not p.exists():
         raise ModelError(f"{p}: model not found")
     side = p.parent / MANIFEST_NAME
     if side.exists():
         manifest = read_manifest(side)
         if p.name in manifest["files"]:
-            return ResolvedModel(p, manifest, verify_file(manifest, p))
+            return ResolvedModel(p, manifest, manifest_entry(manifest, p))
     return ResolvedModel(p, None, None)
 
 
