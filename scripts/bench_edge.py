@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def cold(cmd: list[str], n: int) -> tuple[float, float]:
@@ -67,18 +66,19 @@ def main() -> None:
     x = load_image(jpeg)
     for _ in range(20):
         clf.classify_array(x)
-    n = args.runs
-    t = time.perf_counter()
-    for _ in range(n):
+    # interleaved, per call, medians: a noisy machine shifts both alike
+    bare, full = [], []
+    for _ in range(args.runs):
+        t = time.perf_counter()
         be.predict(x)
-    bare = (time.perf_counter() - t) / n
-    t = time.perf_counter()
-    for _ in range(n):
+        bare.append(time.perf_counter() - t)
+        t = time.perf_counter()
         clf.classify_array(x)
-    full = (time.perf_counter() - t) / n
-    print(f"\nrunner overhead per image (classify_array minus bare invoke, {n} runs each): "
-          f"{(full - bare) * 1e3:+.3f} ms ({resolved.path.name}: invoke {bare * 1e3:.3f} ms, "
-          f"classify_array {full * 1e3:.3f} ms)")
+        full.append(time.perf_counter() - t)
+    b, f = statistics.median(bare) * 1e3, statistics.median(full) * 1e3
+    print(f"\nrunner overhead per image (median classify_array minus median bare invoke, {args.runs} "
+          f"interleaved runs): {f - b:+.3f} ms ({resolved.path.name}: invoke {b:.3f} ms, "
+          f"classify_array {f:.3f} ms)")
 
     # a folder: decoding overlapped with inference
     paths = [jpeg] * 60

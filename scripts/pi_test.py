@@ -94,7 +94,7 @@ def build_sysroot(cache: Path) -> Path:
         if line.startswith("Types:"):
             lines.append("Architectures: arm64")
     (apt / "sources" / "debian.sources").write_text("\n".join(lines) + "\n")
-    opts = [f"-o=Dir::Etc::SourceList=/dev/null", f"-o=Dir::Etc::SourceParts={apt}/sources",
+    opts = ["-o=Dir::Etc::SourceList=/dev/null", f"-o=Dir::Etc::SourceParts={apt}/sources",
             f"-o=Dir::Etc::PreferencesParts={apt}/preferences", f"-o=Dir::State::Lists={apt}/lists",
             f"-o=Dir::State::Status={apt}/status", f"-o=Dir::Cache={apt}/cache",
             f"-o=Dir::Cache::archives={apt}/archives", "-o=APT::Architecture=arm64",

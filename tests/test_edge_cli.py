@@ -248,3 +248,15 @@ def test_tflite_runtime_gives_the_same_raw_int8_output(tiny_artifacts, phantom_d
     b = [json.loads(l) for l in _lines(theirs.stdout)]
     assert [x["backend"] for x in b] == ["tflite"] * len(imgs)
     assert [x["scores"] for x in a] == [x["scores"] for x in b]  # same uint8 outputs, same scale
+
+
+def test_training_and_export_name_their_extra_on_an_edge_install(phantom_data, tiny_artifacts):
+    """The tflite environment is a device install: no Keras, no TensorFlow."""
+    py = os.environ.get("XRAY_EDGE_TFLITE_PYTHON")
+    if not py or not Path(py).exists():
+        pytest.skip("no edge-only environment (make test creates .venv-tflite)")
+    r = run_cli("train", "--data", phantom_data, python=py)
+    assert r.returncode == 2 and "pip install 'xray-edge[train]'" in r.stderr, r.stderr
+    r = run_cli("export", "--model", tiny_artifacts / "model.keras", python=py)
+    assert r.returncode == 2 and "pip install 'xray-edge[export]'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import keras_probs, run_cli
 from xray_edge.edge.classify import decide

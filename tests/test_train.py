@@ -46,7 +46,6 @@ def test_pixel_scaling_is_inside_the_model():
 
 
 def test_augmentation_only_in_training():
-    import keras
 
     from xray_edge.train.augment import ZoomFlip
 
@@ -144,7 +143,7 @@ def test_short_run_on_phantoms_writes_everything_and_skips_bad_files(tmp_path, p
 
     data = _with_corrupt_file(phantom_data, tmp_path / "data")
     out = tmp_path / "out"
-    res = train(TrainConfig(data=data, out=out, epochs=2, learning_rate=1e-4, verbose=0,
+    train(TrainConfig(data=data, out=out, epochs=2, learning_rate=1e-4, verbose=0,
                             cache_dir=tmp_path / "cache"))
     for f in ("model.keras", "history.json", "training.png", "samples.png", "metrics.json",
               "roc.png", "training.json"):

@@ -95,7 +95,7 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
         from xray_edge.train.trainer import TrainConfig
         from xray_edge.train.trainer import train as run_train
     except ImportError as exc:
-        raise ToolError(f"training needs the extra: pip install 'xray-edge[train]' ({exc.name} missing)")
+        raise ToolError(f"training needs the extra: pip install 'xray-edge[train]' ({exc.name} missing)") from None
     try:
         cfg = TrainConfig(data=data, out=out, epochs=epochs, batch_size=batch_size,
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
@@ -156,10 +156,13 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
+        import keras  # noqa: F401 - the converters need both; fail here with the fix
+        import tensorflow  # noqa: F401
+
         from xray_edge.export import parity
         from xray_edge.export.pipeline import ExportConfig, run_export
     except ImportError as exc:
-        raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({exc.name} missing)")
+        raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({exc.name} missing)") from None
     g = parity.Gates()
     gates = parity.Gates(
         float_max_abs_diff=float_atol if float_atol is not None else g.float_max_abs_diff,
@@ -254,7 +257,6 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json):
       xray-edge classify --model artifacts/xray.onnx scans/ --json
       find /pacs -name '*.dcm' | xray-edge classify -
     """
-    from xray_edge.edge.classify import Classifier
     from xray_edge.edge.inputs import expand_inputs
 
     clf, loaded = _open_classifier(model, file_name, backend, threads, threshold)
@@ -303,11 +305,7 @@ def info(model, file_name, as_json):
         d = describe(model, file_name)
     except XrayEdgeError as exc:
         raise _fail(exc) from None
-    if as_json:
-        click.echo(json.dumps(d, indent=2))
-        return
-    for k, v in d.items():
-        click.echo(f"{k:<16} {v if not isinstance(v, (dict, list)) else json.dumps(v)}")
+    _print_fields(d, as_json)
 
 
 # --------------------------------------------------------------------------- bench
@@ -328,11 +326,17 @@ def bench(model, file_name, backend, runs, image, threads, as_json):
         d = run_bench(model, file_name, backend, runs, image, threads or os.cpu_count())
     except XrayEdgeError as exc:
         raise _fail(exc) from None
+    _print_fields(d, as_json)
+
+
+def _print_fields(d: dict, as_json: bool) -> None:
+    """One `name  value` line per field, or the dict as JSON."""
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
+    width = max(map(len, d)) + 2
     for k, v in d.items():
-        click.echo(f"{k:<28} {v}")
+        click.echo(f"{k:<{width}}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from xray_edge.edge.files import atomic_write_bytes, atomic_write_json
+from xray_edge.train.plots import pyplot, save_png
 
 
 def _pct(r: dict) -> str:
@@ -68,24 +69,6 @@ whose decision differs from the Keras model's at the same threshold.
 """
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plots(report: dict, out: Path) -> None:
     from xray_edge.train import plots as train_plots
 
@@ -99,7 +82,7 @@ def plots(report: dict, out: Path) -> None:
 
     train_plots.roc(None, None, out / "report_roc.png", title=f"ROC, {report['positive_class']} positive",
                     curves={r["format"]: (yp, score(r)) for r in report["rows"]})
-    plt = _plt()
+    plt = pyplot()
     rows = report["rows"]
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4))
     for ax, r in zip(np.atleast_1d(axes), rows):
@@ -107,12 +90,13 @@ def plots(report: dict, out: Path) -> None:
         m = np.array([[c["tp"], c["fn"]], [c["fp"], c["tn"]]])
         ax.imshow(m, cmap="Blues")
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=13)
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=13,
+                    color="white" if v > m.max() / 2 else "black")
         ax.set_xticks([0, 1], ["pred +", "pred -"])
         ax.set_yticks([0, 1], ["true +", "true -"])
         ax.set_title(r["format"], fontsize=9)
     fig.suptitle(f"Confusion at the manifest threshold ({report['positive_class']} positive)")
-    _save(fig, out / "report_confusion.png")
+    save_png(fig, out / "report_confusion.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     bins = np.linspace(0, 1, 6)
@@ -128,7 +112,7 @@ def plots(report: dict, out: Path) -> None:
     ax.set_title("Calibration (5 bins)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    _save(fig, out / "report_calibration.png")
+    save_png(fig, out / "report_calibration.png")
 
 
 def write(report: dict, out: Path) -> None:

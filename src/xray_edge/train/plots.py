@@ -10,7 +10,8 @@ import numpy as np
 from xray_edge.edge.files import atomic_write_bytes
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,16 +20,17 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """Write the figure as PNG atomically and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def training_curves(history: dict, path: Path, synthetic: bool = False) -> None:
     """Loss and accuracy, training vs validation, side by side (as the tutorial plotted them)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for ax, key in zip(axes, ("loss", "accuracy")):
@@ -40,13 +42,13 @@ def training_curves(history: dict, path: Path, synthetic: bool = False) -> None:
         ax.legend()
     title = "Training curves" + ("  [SYNTHETIC phantom data]" if synthetic else "")
     fig.suptitle(title, color="darkred" if synthetic else "black")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def sample_grid(images: np.ndarray, labels: np.ndarray, paths: list, classes: list[str],
                 path: Path, per_class: int = 8) -> None:
     """The tutorial's 4x4 grid: up to 8 images of the first two classes, titled with file names."""
-    plt = _plt()
+    plt = pyplot()
     chosen = []
     for c in range(min(2, len(classes))):
         chosen += list(np.flatnonzero(labels == c)[:per_class])
@@ -57,7 +59,7 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, paths: list, classes: li
         ax.imshow(images[i])
         name = Path(paths[i]).name
         ax.set_title(f"{classes[labels[i]]}\n{name if len(name) <= 34 else name[:31] + '...'}", fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def roc(y_pos: np.ndarray, score: np.ndarray, path: Path, title: str = "ROC",
@@ -65,7 +67,7 @@ def roc(y_pos: np.ndarray, score: np.ndarray, path: Path, title: str = "ROC",
     """ROC curve(s): `curves` maps a name to (y_pos, score) to draw several on one chart."""
     from xray_edge import metrics
 
-    plt = _plt()
+    plt = pyplot()
     curves = curves or {"model": (y_pos, score)}
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     for name, (y, s) in curves.items():
@@ -77,4 +79,4 @@ def roc(y_pos: np.ndarray, score: np.ndarray, path: Path, title: str = "ROC",
     ax.set_title(title)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
