@@ -152,37 +152,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         t_conv = time.perf_counter() - t
         if cfg.tamper:
             data = cfg.tamper(name, data)
-        final = cfg.out / fmt.file
-        tmp = cfg.out / f".{fmt.file}.unproven{Path(fmt.file).suffix}"
-        atomic_write_bytes(tmp, data)
-        try:
-            t = time.perf_counter()
-            backend = open_backend(tmp, fmt.runtime)
-            candidate = parity.predict_each(backend, par_images)
-            res = parity.compare(name, f"{fmt.runtime}", reference, candidate, info, fmt.precision, cfg.gates)
-            t_par = time.perf_counter() - t
-            results.append(res)
-            log(res.line())
-            if res.passed:
-                os.replace(tmp, final)
-                files[fmt.file] = {
-                    "format": name, "description": fmt.description, "size": final.stat().st_size,
-                    "sha256": sha256_file(final), "runtime": f"{backend.name} {backend.version}",
-                    "input": {"name": backend.input_name, "dtype": str(backend.input_dtype),
-                              "shape": [None if not isinstance(d, int) else d for d in backend.input_shape],
-                              "quantization": list(getattr(backend, "input_quant", ()) or []) or None},
-                    "output": {"name": backend.output_name,
-                               "quantization": list(getattr(backend, "output_quant", ()) or []) or None},
-                    "parity": res.to_dict(),
-                    "seconds": {"convert": round(t_conv, 2), "parity": round(t_par, 2)},
-                }
-            else:
-                log(f"  {name}: REFUSED ({'; '.join(res.failed_gates)}); not written as {final.name}")
-                if final.exists():  # an older file under this name would now be unproven
-                    final.unlink()
-        finally:
-            tmp.unlink(missing_ok=True)
-        timings[name] = time.perf_counter() - t + t_conv
+        res, entry = _prove_and_place(fmt, data, cfg.out, reference, par_images, info, cfg.gates, log)
+        results.append(res)
+        if entry is not None:
+            entry["seconds"] = {"convert": round(t_conv, 2), "parity": round(time.perf_counter() - t - t_conv, 2)}
+            files[fmt.file] = entry
+        timings[name] = time.perf_counter() - t
 
     manifest = {
         "schema": SCHEMA_VERSION,
@@ -213,6 +188,39 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     atomic_write_json(cfg.out / MANIFEST_NAME, manifest)
     timings["total"] = time.perf_counter() - t0
     return ExportResult(manifest, results, timings)
+
+
+def _prove_and_place(fmt: Format, data: bytes, out: Path, reference: np.ndarray, images: np.ndarray,
+                     info: ModelInfo, gates: parity.Gates, log) -> tuple[parity.ParityResult, dict | None]:
+    """Write `data` under a temporary name, prove it in its runtime, and only then name it.
+
+    Returns the parity result and, when it passed, the file's manifest entry.
+    """
+    final = out / fmt.file
+    tmp = out / f".{fmt.file}.unproven{final.suffix}"
+    atomic_write_bytes(tmp, data)
+    try:
+        backend = open_backend(tmp, fmt.runtime)
+        candidate = parity.predict_each(backend, images)
+        res = parity.compare(fmt.name, fmt.runtime, reference, candidate, info, fmt.precision, gates)
+        log(res.line())
+        if not res.passed:
+            log(f"  {fmt.name}: REFUSED ({'; '.join(res.failed_gates)}); not written as {final.name}")
+            final.unlink(missing_ok=True)  # an older file under this name would now be unproven
+            return res, None
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return res, {
+        "format": fmt.name, "description": fmt.description, "size": final.stat().st_size,
+        "sha256": sha256_file(final), "runtime": f"{backend.name} {backend.version}",
+        "input": {"name": backend.input_name, "dtype": str(backend.input_dtype),
+                  "shape": [d if isinstance(d, int) else None for d in backend.input_shape],
+                  "quantization": list(getattr(backend, "input_quant", ()) or []) or None},
+        "output": {"name": backend.output_name,
+                   "quantization": list(getattr(backend, "output_quant", ()) or []) or None},
+        "parity": res.to_dict(),
+    }
 
 
 def _convert(fmt: Format, model, cal_images: np.ndarray, embedded: dict) -> bytes:
