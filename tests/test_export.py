@@ -38,7 +38,7 @@ def check_against_keras(artifacts: Path, fmt: str, images: np.ndarray) -> float:
     diff = float(np.abs(got - ref).max())
     limit = {"float": FLOAT_MAX_ABS_DIFF, "float16": FLOAT16_MAX_ABS_DIFF, "int8": INT8_MAX_ABS_DIFF}
     assert diff <= limit[f.precision], (fmt, diff)
-    assert np.ptp(ref) > 0 or fmt != "int8"  # outputs vary, so agreement is not trivial
+    assert np.ptp(ref) > 1e-3, "Keras outputs are constant: agreement would prove nothing"
     return diff
 
 
@@ -79,9 +79,14 @@ def test_full_tutorial_model_parity(full_untrained_artifacts, shared_data, fmt):
     check_against_keras(full_untrained_artifacts, fmt, real_images(shared_data, 8))
 
 
-def test_every_registered_format_has_a_parity_test():
-    """Runs last in this module (pytest keeps file order): a new format needs a test above."""
-    assert TESTED_FORMATS == set(FORMATS), f"formats without a parity test: {set(FORMATS) - TESTED_FORMATS}"
+def test_every_registered_format_has_a_parity_test(request):
+    """Runs after the parity tests above (pytest keeps file order): each registered format must
+    have had its parity checked in this run, assertions included, not just collected."""
+    collected = {item.callspec.params["fmt"] for item in request.session.items
+                 if getattr(item, "originalname", "") == "test_tiny_model_parity"}
+    if not collected:
+        pytest.skip("the parity tests are not selected in this run")
+    assert TESTED_FORMATS == set(FORMATS), f"formats without a passing parity check: {set(FORMATS) - TESTED_FORMATS}"
 
 
 # ---------------------------------------------------------------- the gate refuses broken files
@@ -116,21 +121,25 @@ def test_weightless_file_is_refused(tmp_path, phantom_data):
     """A constant-output model (what from_concrete_functions without tracking writes) fails."""
     import keras
 
-    model_path = save_with_record(tiny_model(seed=4), tmp_path, ["COVID19", "NORMAL"], phantom_data)
-    constant = keras.Sequential([keras.Input((200, 200, 3)), keras.layers.GlobalAveragePooling2D(),
-                                 keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros")])
     from xray_edge.export import onnx as onnx_export
 
-    def tamper(name, data):
-        return onnx_export.keras_to_onnx(constant, {"labels": ["COVID19", "NORMAL"]}) if name == "onnx" else data
-
-    with pytest.raises(onnx_export.UnsupportedLayer):
-        onnx_export.keras_to_onnx(constant, {})
-    constant2 = keras.Sequential([keras.Input((200, 200, 3)), keras.layers.Flatten(),
-                                  keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros")])
+    model_path = save_with_record(tiny_model(seed=4), tmp_path, ["COVID19", "NORMAL"], phantom_data)
+    constant = keras.Sequential([keras.Input((200, 200, 3)), keras.layers.Flatten(),
+                                 keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros")])
     res = export_folder(model_path, formats=("onnx",),
-                        tamper=lambda n, d: onnx_export.keras_to_onnx(constant2, {"labels": ["A", "B"]}))
+                        tamper=lambda n, d: onnx_export.keras_to_onnx(constant, {"labels": ["A", "B"]}))
     assert not res.passed and not (tmp_path / "xray.onnx").exists()
+
+
+def test_onnx_export_refuses_layers_it_does_not_translate():
+    import keras
+
+    from xray_edge.export import onnx as onnx_export
+
+    pooled = keras.Sequential([keras.Input((200, 200, 3)), keras.layers.GlobalAveragePooling2D(),
+                               keras.layers.Dense(1, activation="sigmoid")])
+    with pytest.raises(onnx_export.UnsupportedLayer, match="GlobalAveragePooling2D"):
+        onnx_export.keras_to_onnx(pooled, {})
 
 
 def test_cli_export_exits_nonzero_when_a_gate_fails(tmp_path, phantom_data):
@@ -162,13 +171,11 @@ def test_manifest_binds_everything(tiny_artifacts):
     assert onnx_entry["input"]["name"] == "image" and onnx_entry["input"]["shape"][0] is None
 
 
-def test_int8_file_has_no_float_ops_and_builtins_only(tiny_artifacts):
+def test_int8_file_is_integer_only_with_builtin_ops(tiny_artifacts):
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_path=str(tiny_artifacts / "xray_int8.tflite"))
     ops = {op["op_name"] for op in it._get_ops_details()}
-    assert not any(o.startswith("Flex") for o in ops)
-    assert "QUANTIZE" not in ops or True  # input is already uint8; quantize ops may remain inside
-    tensors = it.get_tensor_details()
-    weights = [t for t in tensors if t["name"].endswith("MatMul") or "Conv2D" in t["name"]]
-    assert all(np.dtype(t["dtype"]) in (np.int8, np.int32, np.uint8) for t in weights)
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= ops and not any(o.startswith("Flex") for o in ops)
+    dtypes = {np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
+    assert "float32" not in dtypes and "int8" in dtypes, dtypes  # no float tensor anywhere
