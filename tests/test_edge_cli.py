@@ -260,3 +260,23 @@ def test_training_and_export_name_their_extra_on_an_edge_install(phantom_data, t
     r = run_cli("export", "--model", tiny_artifacts / "model.keras", python=py)
     assert r.returncode == 2 and "pip install 'xray-edge[export]'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_softmax_model_classifies_with_three_labels(tmp_path, phantom_data):
+    from conftest import export_folder, save_with_record, tiny_model
+
+    classes = ["COVID19", "NORMAL", "PNEUMONIA"]
+    model = tiny_model(num_classes=3)
+    path = save_with_record(model, tmp_path / "art", classes[:2], phantom_data)
+    rec = json.loads((tmp_path / "art" / "training.json").read_text())
+    rec["classes"] = classes
+    (tmp_path / "art" / "training.json").write_text(json.dumps(rec))
+    res = export_folder(path, formats=("float32", "onnx"))
+    assert res.passed and res.manifest["threshold"] is None and res.manifest["output"]["kind"] == "softmax"
+    imgs = list(walk_images(phantom_data / "test"))[:4]
+    r = run_cli("classify", "-m", tmp_path / "art", "--file", "xray.onnx", "--json", *imgs)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in _lines(r.stdout)]
+    ref = keras_probs(path, np.stack([load_image(p) for p in imgs]))
+    assert [row["label"] for row in rows] == [classes[i] for i in ref.argmax(1)]
+    assert all(set(row["scores"]) == set(classes) for row in rows)

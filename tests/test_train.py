@@ -188,3 +188,25 @@ def test_short_real_run_on_shared_set(shared_artifacts):
     assert rec["validation"]["roc_auc"] > 0.8, rec["validation"]
     m = json.loads((shared_artifacts / "metrics.json").read_text())
     assert "held out" in m["source"]  # the shared set has no test/
+
+
+def test_three_classes_train_a_softmax(tmp_path, phantom_data):
+    """A COVID19/NORMAL/PNEUMONIA layout gives a softmax over three labels."""
+    from xray_edge.train.trainer import TrainConfig, train
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_data, data)
+    for split in ("train", "test"):
+        src = sorted((data / split / "COVID19").glob("*.png"))
+        dst = data / split / "PNEUMONIA"
+        dst.mkdir()
+        for p in src:  # a third class: the opacity phantoms mirrored
+            Image.open(p).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(dst / p.name)
+    res = train(TrainConfig(data=data, out=tmp_path / "out", epochs=1, verbose=0, plots=False,
+                            cache_dir=tmp_path / "cache"))
+    import keras
+
+    model = keras.saving.load_model(res.model_path)
+    assert model.outputs[0].shape[-1] == 3 and model.layers[-1].activation.__name__ == "softmax"
+    assert res.metrics["classes"] == ["COVID19", "NORMAL", "PNEUMONIA"]
+    assert np.asarray(res.metrics["confusion_matrix"]["matrix"]).shape == (3, 3)
