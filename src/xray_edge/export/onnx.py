@@ -1,7 +1,7 @@
 """Keras model -> ONNX, written layer by layer from the Keras weights.
 
 Why not tf2onnx: on this 2-core machine `tf2onnx.convert.from_function(large_model=True)` took
-19.7 s and peaked at 6.7 GB for the tutorial's 41M-parameter model (its graph optimizers copy
+19.7 s for the tutorial's 41M-parameter model, in a process that peaked at 6.7 GB (its graph optimizers copy
 the 164 MB Dense weight on every pass), and `from_keras` fails on Keras 3. The tutorial's model
 uses six layer types, each of which is one or two ONNX operators, so emitting them directly takes
 well under a second. Anything else is refused by name rather than guessed; the parity check
