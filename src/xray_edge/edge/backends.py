@@ -8,8 +8,8 @@ Pixel scaling is inside the model, so no backend restates any normalization.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ FILE_KINDS = {".tflite": ("litert", "tflite"), ".onnx": ("onnxruntime",)}
 
 
 def runtime_version(backend: str) -> str | None:
+    import importlib.metadata  # 12 ms of imports: only when a version is asked for
+
     try:
         return importlib.metadata.version(DIST[backend])
     except importlib.metadata.PackageNotFoundError:
@@ -106,7 +108,6 @@ class TFLiteBackend:
 
     def __init__(self, path: Path, name: str, interpreter_cls, threads: int | None = None):
         self.name = name
-        self.version = runtime_version(name)
         try:
             self._it = interpreter_cls(model_path=str(path), num_threads=threads)
             self._it.allocate_tensors()
@@ -139,6 +140,10 @@ class TFLiteBackend:
             return dequantize(y, self.output_quant[0], self.output_quant[1])
         return y.astype(np.float32)
 
+    @cached_property
+    def version(self) -> str | None:
+        return runtime_version(self.name)
+
     def raw_output(self, image: np.ndarray) -> np.ndarray:
         """The output tensor as the runtime produced it (int8/uint8 for quantized models)."""
         self.predict(image)
@@ -153,7 +158,6 @@ class OnnxBackend:
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
 
-        self.version = runtime_version("onnxruntime")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
@@ -168,6 +172,10 @@ class OnnxBackend:
         self.input_shape = tuple(inp.shape)
         self.input_dtype = np.dtype(np.uint8 if "uint8" in inp.type else np.float32)
         self.metadata = dict(self._sess.get_modelmeta().custom_metadata_map)
+
+    @cached_property
+    def version(self) -> str | None:
+        return runtime_version(self.name)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         y = self._sess.run([self.output_name], {self.input_name: image[None].astype(self.input_dtype)})
