@@ -117,7 +117,7 @@ def shared_artifacts(tmp_path_factory, shared_data) -> Path:
     folder = tmp_path_factory.mktemp("shared")
     train(TrainConfig(data=shared_data, out=folder, epochs=3, cache_dir=folder / "cache",
                       verbose=0, plots=True))
-    result = export_folder(folder / "model.keras")
+    result = export_folder(folder / "model.keras", formats=("float32", "int8", "onnx", "onnx-int8"))
     assert result.passed, [r.line() for r in result.results]
     return folder
 

@@ -29,7 +29,7 @@ def _keras_labels(artifacts: Path, paths: list[Path]) -> list[str]:
     return [labels[1] if v >= thr else labels[0] for v in p]
 
 
-@pytest.mark.parametrize("file_name", ["xray_int8.tflite", "xray_float32.tflite", "xray.onnx"])
+@pytest.mark.parametrize("file_name", ["xray_int8.tflite", "xray_float32.tflite", "xray.onnx", "xray_int8.onnx"])
 def test_labels_agree_with_keras_on_real_images(shared_artifacts, shared_data, file_name):
     paths = sorted(walk_images(shared_data / "train"))[::5]
     r = run_cli("classify", "--model", shared_artifacts, "--file", file_name, *paths)

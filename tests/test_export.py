@@ -55,7 +55,7 @@ def test_tiny_model_float_parity_on_real_xrays(tiny_artifacts, shared_data, fmt)
     check_against_keras(tiny_artifacts, fmt, real_images(shared_data))
 
 
-@pytest.mark.parametrize("fmt", ["float32", "int8", "onnx"])
+@pytest.mark.parametrize("fmt", ["float32", "int8", "onnx", "onnx-int8"])
 def test_shared_trained_model_parity(shared_artifacts, shared_data, fmt):
     check_against_keras(shared_artifacts, fmt, real_images(shared_data, 16))
 

@@ -34,7 +34,7 @@ def test_report_rows_and_columns_filled(shared_artifacts):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout[r.stdout.index("{"):])
     formats = [row["format"].split()[0] for row in rep["rows"]]
-    assert formats[0] == "keras" and set(formats[1:]) == {"float32", "int8", "onnx"}
+    assert formats[0] == "keras" and set(formats[1:]) == {"float32", "int8", "onnx", "onnx-int8"}
     n = sum(rep["images_per_class"].values())
     assert n == len(rep["labels"]) > 10
     for row in rep["rows"]:

@@ -130,7 +130,7 @@ def _default_cache_dir() -> Path:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder. Default: the model's folder.")
 @click.option("--formats", default="float32,int8,onnx", show_default=True,
-              help="Comma-separated: float32, int8, onnx, float16.")
+              help="Comma-separated: float32, int8, onnx (the default three), float16, onnx-int8.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Images for calibration and parity when the model has no training.json beside it.")
 @click.option("--calibration-size", type=click.IntRange(1), default=100, show_default=True,

@@ -11,6 +11,7 @@ then proves the file against Keras in onnxruntime.
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 
@@ -22,6 +23,51 @@ OUTPUT_NAME = "probability"
 
 class UnsupportedLayer(ValueError):
     pass
+
+
+def quantize_qdq(float_model: bytes, calibration: np.ndarray, metadata: dict) -> bytes:
+    """Static int8 ONNX in QDQ form: uint8 activations, int8 per-channel weights.
+
+    onnxruntime's default dynamic quantization ran 3x slower than float32 on this model; static
+    QDQ runs about 3x faster (2.9 ms against 8.8 ms here). Input and output stay float32, so the
+    file is fed exactly like `xray.onnx`.
+
+    Args:
+        float_model: bytes from `keras_to_onnx`.
+        calibration: uint8 [N, H, W, C] real images from the one preprocessing.
+        metadata: replaces the `xray_edge` metadata property of the result.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    from onnx import helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class _Images(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(calibration)
+
+        def get_next(self):
+            img = next(self._it, None)
+            return None if img is None else {INPUT_NAME: img[None].astype(np.float32)}
+
+    if len(calibration) == 0:
+        raise ValueError("int8 ONNX export needs calibration images")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(float_model)
+        # its root-logger advice to run shape pre-processing does not apply: shapes are static
+        logging.disable(logging.WARNING)
+        try:
+            quantize_static(str(src), str(dst), _Images(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            logging.disable(logging.NOTSET)
+        proto = onnx.load(str(dst))
+    del proto.metadata_props[:]
+    helper.set_model_props(proto, {"xray_edge": json.dumps(metadata, sort_keys=True)})
+    return proto.SerializeToString()
 
 
 def keras_to_onnx(model, metadata: dict) -> bytes:

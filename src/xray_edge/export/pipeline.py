@@ -47,6 +47,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("int8", "xray_int8.tflite", "litert", "int8", "TFLite full-integer int8, uint8 input"),
     Format("onnx", "xray.onnx", "onnxruntime", "float", "ONNX float32, dynamic batch"),
     Format("float16", "xray_float16.tflite", "litert", "float16", "TFLite float16 weights"),
+    Format("onnx-int8", "xray_int8.onnx", "onnxruntime", "int8",
+           "ONNX static int8 (QDQ): uint8 activations, int8 per-channel weights"),
 )}
 DEFAULT_FORMATS = ("float32", "int8", "onnx")
 
@@ -173,7 +175,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         "operating_point": operating_point,
         "positive_class": record.get("positive_class"),
         "input": {"shape": [1, *spec.shape], "dtype": spec.dtype, "preprocessing": spec.to_dict()},
-        "default": next((FORMATS[f].file for f in ("int8", "float32", "onnx", "float16")
+        "default": next((FORMATS[f].file for f in ("int8", "float32", "onnx", "onnx-int8", "float16")
                          if FORMATS[f].file in files), None),
         "files": files,
         "rejected": {r.format: r.to_dict() for r in results if not r.passed},
@@ -226,10 +228,11 @@ def _prove_and_place(fmt: Format, data: bytes, out: Path, reference: np.ndarray,
 def _convert(fmt: Format, model, cal_images: np.ndarray, embedded: dict) -> bytes:
     from xray_edge.export import tflite
 
-    if fmt.name == "onnx":
-        from xray_edge.export.onnx import keras_to_onnx
+    if fmt.name in ("onnx", "onnx-int8"):
+        from xray_edge.export.onnx import keras_to_onnx, quantize_qdq
 
-        return keras_to_onnx(model, embedded)
+        float_model = keras_to_onnx(model, embedded)
+        return float_model if fmt.name == "onnx" else quantize_qdq(float_model, cal_images, embedded)
     if fmt.name == "int8":
         flat = tflite.convert_int8(model, cal_images)
     elif fmt.name == "float16":
