@@ -35,6 +35,34 @@ def cold(cmd: list[str], n: int) -> tuple[float, float]:
     return statistics.median(walls), max(rss)
 
 
+PHASES = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import click
+from xray_edge import cli
+t1 = time.perf_counter()
+from xray_edge.edge.classify import Classifier
+from xray_edge.edge.inputs import expand_inputs
+t2 = time.perf_counter()
+from xray_edge.edge.model import open_model
+import os
+loaded = open_model(sys.argv[1], threads=os.cpu_count())
+t3 = time.perf_counter()
+list(Classifier(loaded.backend, loaded.info).classify_paths(expand_inputs([sys.argv[2]])))
+t4 = time.perf_counter()
+print(json.dumps({"click and cli": (t1 - t0) * 1e3, "numpy, Pillow, runner": (t2 - t1) * 1e3,
+                  "runtime import, model load and sha256": (t3 - t2) * 1e3,
+                  "decode and first invoke": (t4 - t3) * 1e3}))
+"""
+
+
+def run_phases(artifacts: Path, image: Path) -> str:
+    """Where a cold classify spends its time (Python's own start-up is not included)."""
+    p = subprocess.run([sys.executable, "-c", PHASES, str(artifacts), str(image)],
+                       capture_output=True, text=True, check=True)
+    return p.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
@@ -97,6 +125,9 @@ def main() -> None:
                 f"m = keras.saving.load_model({str(args.artifacts / 'model.keras')!r})\n"
                 f"img = keras.utils.load_img({str(jpeg)!r}, target_size=(200, 200))\n"
                 "print(m.predict(np.asarray(img)[None], verbose=0))"]
+    phases = [json.loads(run_phases(args.artifacts, jpeg)) for _ in range(args.cold)]
+    print("\ncold start by phase, new process each, medians of", args.cold, "runs (ms): " + ", ".join(
+        f"{k} {statistics.median(p[k] for p in phases):.0f}" for k in phases[0]))
     w1, r1 = cold(ours, args.cold)
     print(f"\ncold `xray-edge classify one.jpg` ({resolved.path.name}): median {w1:.3f} s, peak {r1:.0f} MB")
     if (args.artifacts / "model.keras").exists():

@@ -73,3 +73,22 @@ def test_threshold_for_sensitivity_by_hand():
 def test_confusion_matrix():
     m = metrics.confusion_matrix([0, 1, 2, 2], [0, 2, 2, 1], 3)
     assert m.tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]
+
+
+def test_one_decision_rule_for_runner_training_and_report():
+    """A probability exactly at the threshold is labels[1] for the runner, and counted so."""
+    from xray_edge.edge.classify import decide, predicted_classes
+    from xray_edge.edge.metadata import ModelInfo
+    from xray_edge.train.trainer import evaluate
+
+    probs = np.array([[0.3], [0.42], [0.9]], dtype=np.float32)
+    thr = float(probs[1, 0])
+    info = ModelInfo(("COVID19", "NORMAL"), thr)
+    assert [decide(p, info, thr)[0] for p in probs] == ["COVID19", "NORMAL", "NORMAL"]
+    assert predicted_classes(probs, thr).tolist() == [0, 1, 1]
+    # COVID19 (index 0) positive: the case at the threshold is called NORMAL, a missed positive
+    m = evaluate(probs, np.array([0, 0, 1]), ["COVID19", "NORMAL"], pos=0, threshold=thr)
+    assert m["confusion"] == {"tp": 1, "fn": 1, "tn": 1, "fp": 0}
+    assert metrics.positive_score(probs, 0) == pytest.approx(1 - probs[:, 0])
+    softmax = np.array([[0.2, 0.5, 0.3]])
+    assert predicted_classes(softmax, None).tolist() == [1]

@@ -60,33 +60,49 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return m
 
 
-def binary_report(y_true: np.ndarray, pos_score: np.ndarray, threshold: float) -> dict:
-    """Accuracy, sensitivity, specificity (each with its Wilson 95% interval) and ROC AUC.
+def positive_score(probs: np.ndarray, pos: int) -> np.ndarray:
+    """Probability of class `pos` from [N, K] outputs; a sigmoid's single unit is P(class 1)."""
+    probs = np.asarray(probs)
+    if probs.shape[-1] == 1:
+        return probs[:, 0] if pos == 1 else 1.0 - probs[:, 0]
+    return probs[:, pos]
+
+
+def decision_report(y_pos: np.ndarray, called_pos: np.ndarray) -> dict:
+    """Accuracy, sensitivity and specificity (each with its Wilson 95% interval) of decisions.
 
     Args:
-        y_true: 1 for the positive (disease) class, 0 otherwise.
-        pos_score: probability of the positive class.
-        threshold: call positive when pos_score >= threshold.
+        y_pos: True where the case belongs to the positive (disease) class.
+        called_pos: True where the model called it positive.
     """
-    y = np.asarray(y_true).astype(bool)
-    pred = np.asarray(pos_score) >= threshold
+    y = np.asarray(y_pos).astype(bool)
+    pred = np.asarray(called_pos).astype(bool)
     tp, fn = int((pred & y).sum()), int((~pred & y).sum())
     tn, fp = int((~pred & ~y).sum()), int((pred & ~y).sum())
-    n = len(y)
 
     def rate(k: int, m: int) -> dict:
         return {"value": k / m if m else float("nan"), "ci95": list(wilson_interval(k, m)),
                 "k": k, "n": m}
 
     return {
-        "threshold": threshold,
-        "n": n,
-        "accuracy": rate(tp + tn, n),
+        "n": len(y),
+        "accuracy": rate(tp + tn, len(y)),
         "sensitivity": rate(tp, tp + fn),
         "specificity": rate(tn, tn + fp),
-        "roc_auc": roc_auc(y, pos_score),
         "confusion": {"tp": tp, "fn": fn, "tn": tn, "fp": fp},
     }
+
+
+def binary_report(y_true: np.ndarray, pos_score: np.ndarray, threshold: float) -> dict:
+    """`decision_report` at `pos_score >= threshold`, plus the threshold and ROC AUC.
+
+    Args:
+        y_true: 1 for the positive (disease) class, 0 otherwise.
+        pos_score: probability of the positive class.
+        threshold: call positive when pos_score >= threshold.
+    """
+    rep = decision_report(y_true, np.asarray(pos_score) >= threshold)
+    return {"threshold": threshold, **rep, "roc_auc": roc_auc(y_true, pos_score)}
 
 
 def threshold_for_sensitivity(y_true: np.ndarray, pos_score: np.ndarray, target: float) -> float:

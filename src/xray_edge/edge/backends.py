@@ -16,7 +16,6 @@ import numpy as np
 
 from xray_edge.edge.errors import ModelError, RuntimeMissing
 
-BACKENDS = ("litert", "tflite", "onnxruntime")
 EXTRA = {"litert": "litert", "tflite": "tflite", "onnxruntime": "onnx"}
 DIST = {"litert": "ai-edge-litert", "tflite": "tflite-runtime", "onnxruntime": "onnxruntime"}
 FILE_KINDS = {".tflite": ("litert", "tflite"), ".onnx": ("onnxruntime",)}

@@ -29,15 +29,26 @@ class Prediction:
         return self.scores[self.label]
 
 
+def predicted_classes(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The runner's decision rule on [N, K] outputs, as class indices.
+
+    Sigmoid (K = 1): class 1 when P(class 1) >= threshold (0.5 when None), else class 0.
+    Softmax: the most probable class. Training, export and the report count with this too.
+    """
+    probs = np.asarray(probs)
+    if probs.shape[-1] == 1:
+        return (probs[:, 0] >= (0.5 if threshold is None else threshold)).astype(np.int64)
+    return probs.argmax(axis=-1)
+
+
 def decide(probs: np.ndarray, info: ModelInfo, threshold: float | None) -> tuple[str, dict[str, float]]:
-    """Model output -> (label, scores). Sigmoid: one unit, P(labels[1]); softmax: one per label."""
+    """One model output -> (label, scores), by `predicted_classes`'s rule."""
     labels = info.labels
+    label = labels[int(predicted_classes(np.asarray(probs)[None], threshold)[0])]
     if info.binary and probs.shape[-1] == 1:
         p = float(probs[0])
-        thr = 0.5 if threshold is None else threshold
-        return (labels[1] if p >= thr else labels[0]), {labels[0]: 1.0 - p, labels[1]: p}
-    scores = {lab: float(v) for lab, v in zip(labels, probs)}
-    return labels[int(np.argmax(probs))], scores
+        return label, {labels[0]: 1.0 - p, labels[1]: p}
+    return label, {lab: float(v) for lab, v in zip(labels, probs)}
 
 
 class Classifier:

@@ -80,7 +80,9 @@ def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.nda
     """
     p = Path(path)
     _check_file(p)
-    if p.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(p):
+    suffix = p.suffix.lower()
+    # DICOM files often have no suffix; a file named like a picture is not read twice to check
+    if suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and _has_dicom_preamble(p)):
         from xray_edge.edge.dicom import read_dicom  # optional extra, imported only when needed
 
         img = Image.fromarray(read_dicom(p))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,21 +27,21 @@ def draw(paths: list[Path], n: int, seed: int) -> list[Path]:
     return [paths[i] for i in sorted(idx)]
 
 
-def image_sets(training_record: Path | None, data: Path | None, n_calibration: int,
-               n_parity: int, seed: int) -> ImageSets:
+def image_sets(record: dict, data: Path | None, n_calibration: int, n_parity: int,
+               seed: int) -> ImageSets:
     """Calibration from training images, parity from held-out ones.
 
-    Uses the split lists in training.json when there is one; with `data` (a folder of images,
-    e.g. a dataset root) instead, splits its images in two halves reproducibly.
+    Uses the split lists of the training record (training.json, {} when there is none); with
+    `data` (a folder of images, e.g. a dataset root) instead, splits its images in two halves
+    reproducibly.
     """
-    if data is None and training_record is not None and training_record.exists():
-        rec = json.loads(training_record.read_text())
-        files = rec.get("files", {})
+    if data is None and record:
+        files = record.get("files", {})
         train = [Path(p) for p in files.get("train", []) if Path(p).exists()]
         held = [Path(p) for p in files.get("validation", []) + files.get("test", []) if Path(p).exists()]
         if train and held:
             return ImageSets(draw(train, n_calibration, seed), draw(held, n_parity, seed + 1),
-                             f"{training_record}: training split / validation+test splits")
+                             "training.json: training split / validation+test splits")
     if data is None:
         raise XrayEdgeError("no images for calibration and parity: no training.json with the "
                             "training file lists beside the model; pass --data FOLDER")

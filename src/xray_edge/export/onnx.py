@@ -28,9 +28,9 @@ class UnsupportedLayer(ValueError):
 def quantize_qdq(float_model: bytes, calibration: np.ndarray, metadata: dict) -> bytes:
     """Static int8 ONNX in QDQ form: uint8 activations, int8 per-channel weights.
 
-    onnxruntime's default dynamic quantization ran 3x slower than float32 on this model; static
-    QDQ runs about 3x faster (2.9 ms against 8.8 ms here). Input and output stay float32, so the
-    file is fed exactly like `xray.onnx`.
+    Issue #3 measured onnxruntime's default dynamic quantization 3x slower than float32 on this
+    model; static QDQ ran at 3.1 ms against 8.0 ms for `xray.onnx` here (`xray-edge bench`, the
+    shared-set model). Input and output stay float32, so the file is fed like `xray.onnx`.
 
     Args:
         float_model: bytes from `keras_to_onnx`.

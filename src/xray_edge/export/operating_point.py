@@ -33,8 +33,8 @@ def choose_threshold(model, record: dict, spec, target: float, decode) -> tuple[
     y = np.asarray([labels[keep[i]] for i in ok]) == pos
     if y.sum() == 0 or (~y).sum() == 0:
         return 0.5, {"threshold": 0.5, "chosen_on": "default 0.5 (validation split lacks a class)"}
-    p1 = np.asarray(model.predict(images, batch_size=16, verbose=0), dtype=np.float64)[:, 0]
-    score = p1 if pos == 1 else 1.0 - p1
+    probs = np.asarray(model.predict(images, batch_size=16, verbose=0), dtype=np.float64)
+    score = metrics.positive_score(probs, pos)
     t_pos = metrics.threshold_for_sensitivity(y, score, target)
     # positive when score >= t_pos; the runner says labels[1] when p1 >= threshold
     threshold = t_pos if pos == 1 else 1.0 - t_pos

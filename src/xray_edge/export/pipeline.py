@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import time
@@ -53,10 +54,6 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 DEFAULT_FORMATS = ("float32", "int8", "onnx")
 
 
-class ExportFailed(XrayEdgeError):
-    """At least one format failed its parity gate; the others were written."""
-
-
 @dataclass
 class ExportConfig:
     model: Path
@@ -89,7 +86,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
 
     Raises:
         XrayEdgeError: bad configuration or inputs (before anything is written).
-        ExportFailed is NOT raised here: check `ExportResult.passed` (the CLI exits 1).
+        A failed parity gate is not an exception: check `ExportResult.passed` (the CLI exits 1).
     """
     unknown = [f for f in cfg.formats if f not in FORMATS]
     if unknown:
@@ -108,8 +105,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     except Exception as exc:  # noqa: BLE001 - zip, h5, deserialization errors
         raise XrayEdgeError(f"{cfg.model}: cannot load Keras model ({str(exc).splitlines()[0][:200]})") from None
     timings["load_model"] = time.perf_counter() - t0
-    record_path = cfg.model.parent / "training.json"
-    record = _read_json(record_path)
+    record = _read_json(cfg.model.parent / "training.json")
     meta = read_model_metadata(cfg.model)
     classes = record.get("classes") or meta.get("classes")
     if not classes:
@@ -128,13 +124,13 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     log(f"threshold: {threshold if threshold is None else round(threshold, 4)} ({operating_point['chosen_on']})")
     info = ModelInfo(tuple(classes), threshold if binary else None, spec, synthetic_data=synthetic)
 
-    sets = calibration.image_sets(record_path if record else None, cfg.data, cfg.calibration_size,
+    sets = calibration.image_sets(record, cfg.data, cfg.calibration_size,
                                   cfg.parity_size, cfg.seed)
     t = time.perf_counter()
     need_cal = any(FORMATS[f].quantized for f in cfg.formats)
     cal_images = (decode_images(sets.calibration, spec, None, label="calibration images")[0]
                   if need_cal else np.zeros((0, *spec.shape), np.uint8))
-    par_images, par_ok, par_err = decode_images(sets.parity, spec, None, label="parity images")
+    par_images, _, par_err = decode_images(sets.parity, spec, None, label="parity images")
     for e in par_err:
         log(f"warning: skipped {e}")
     reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
@@ -243,8 +239,6 @@ def _convert(fmt: Format, model, cal_images: np.ndarray, embedded: dict) -> byte
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -16,6 +16,7 @@ import numpy as np
 
 from xray_edge import metrics
 from xray_edge.edge.backends import open_backend
+from xray_edge.edge.classify import predicted_classes
 from xray_edge.edge.errors import XrayEdgeError
 from xray_edge.edge.files import sha256_file
 from xray_edge.edge.inputs import walk_images
@@ -55,26 +56,20 @@ def test_set(artifacts: Path, classes: list[str], data: Path | None) -> TestSet:
 
 def _row(name: str, fmt: str, size: int, load_s: float, probs: np.ndarray, lat_ms: list[float],
          ref: np.ndarray, y: np.ndarray, pos: int, thresholds: dict[str, float]) -> dict:
-    p1 = probs[:, 0]
-    score = p1 if pos == 1 else 1 - p1
     row = {
         "format": fmt, "file": name, "size_mb": round(size / 1e6, 2), "load_ms": round(load_s * 1e3, 1),
         "latency_p50_ms": round(float(np.percentile(lat_ms, 50)), 2) if lat_ms else None,
         "latency_p99_ms": round(float(np.percentile(lat_ms, 99)), 2) if lat_ms else None,
         "max_abs_diff_vs_keras": float(np.abs(probs - ref).max()),
-        "roc_auc": metrics.roc_auc(y == pos, score),
-        "probabilities": p1.tolist(),
+        "roc_auc": metrics.roc_auc(y == pos, metrics.positive_score(probs, pos)),
+        "probabilities": probs[:, 0].tolist(),  # P(labels[1]), the model's output
     }
     for key, thr in thresholds.items():
-        t_pos = thr if pos == 1 else 1 - thr
-        # the runner's rule: labels[1] when p1 >= thr
-        pred_pos = (p1 >= thr) if pos == 1 else (p1 < thr)
-        ref_pos = (ref[:, 0] >= thr) if pos == 1 else (ref[:, 0] < thr)
-        rep = metrics.binary_report(y == pos, pred_pos.astype(float), 0.5)
-        row[key] = {"threshold": thr, "threshold_on_positive_score": t_pos,
-                    "flips_vs_keras": int((pred_pos != ref_pos).sum()),
-                    "accuracy": rep["accuracy"], "sensitivity": rep["sensitivity"],
-                    "specificity": rep["specificity"], "confusion": rep["confusion"]}
+        called = predicted_classes(probs, thr)  # the runner's rule
+        rep = metrics.decision_report(y == pos, called == pos)
+        row[key] = {"threshold": thr,
+                    "flips_vs_keras": int((called != predicted_classes(ref, thr)).sum()),
+                    **{k: rep[k] for k in ("accuracy", "sensitivity", "specificity", "confusion")}}
     return row
 
 

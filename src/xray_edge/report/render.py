@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xray_edge import metrics
 from xray_edge.edge.files import atomic_write_bytes, atomic_write_json
 from xray_edge.train.plots import pyplot, save_png
 
@@ -77,8 +78,7 @@ def plots(report: dict, out: Path) -> None:
     yp = y == pos
 
     def score(r):
-        p = np.asarray(r["probabilities"])
-        return p if pos == 1 else 1 - p
+        return metrics.positive_score(np.asarray(r["probabilities"])[:, None], pos)
 
     train_plots.roc(None, None, out / "report_roc.png", title=f"ROC, {report['positive_class']} positive",
                     curves={r["format"]: (yp, score(r)) for r in report["rows"]})

@@ -7,6 +7,7 @@ image or recipe never reuses stale pixels, and a second run starts without decod
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -85,8 +86,6 @@ def _load(cache_dir: Path, key: str):
 
 
 def _save(cache_dir: Path, key: str, result) -> None:
-    import io
-
     images, ok, errors = result
     buf = io.BytesIO()
     np.savez(buf, images=images, ok=ok, errors=np.asarray(errors, dtype=str))
