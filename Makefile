@@ -55,13 +55,13 @@ test: $(BIN)/.installed $(TFLITE_VENV)/.installed
 # The edge runner on a Raspberry Pi's software stack (arm64 Debian 12, Python 3.11) under qemu-user.
 pi-test: $(BIN)/.installed $(TFLITE_VENV)/.installed
 	@command -v qemu-aarch64-static >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null; }
-	XRAY_EDGE_TFLITE_PYTHON=$(abspath $(TFLITE_VENV))/bin/python $(BIN)/python scripts/pi_test.py $(PI_ARGS)
+	XRAY_EDGE_TFLITE_PYTHON=$(abspath $(TFLITE_VENV))/bin/python $(BIN)/python tests/tools/emulated_pi.py $(PI_ARGS)
 
 bench: $(BIN)/.installed
-	$(BIN)/python scripts/bench_edge.py --artifacts "$(OUT)"
+	$(BIN)/python tests/tools/bench_edge.py --artifacts "$(OUT)"
 
 bench-train: $(BIN)/.installed
-	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python tests/tools/bench_train.py
 
 data:
 	@mkdir -p data
@@ -71,4 +71,4 @@ data:
 	else echo "error: cannot fetch the tutorial's dataset (offline?). Copy a folder laid out as DATA/train/<class>/* and run: make train DATA=path" >&2; exit 1; fi
 
 clean:
-	rm -rf $(OUT) data/phantom build *.egg-info src/*.egg-info
+	rm -rf $(OUT) data/phantom build *.egg-info

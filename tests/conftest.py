@@ -69,8 +69,8 @@ def tiny_model(num_classes: int = 2, seed: int = 9):
 
 def save_with_record(model, folder: Path, classes, data: Path) -> Path:
     """Save like the trainer does: model.keras + training.json with split file lists."""
-    from xray_edge.edge.inputs import walk_images
-    from xray_edge.edge.preprocess import DEFAULT
+    from xray_edge.inputs import walk_images
+    from xray_edge.preprocess import DEFAULT
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.keras"

@@ -11,8 +11,8 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid  # noqa: E402
 
-from xray_edge.edge.errors import ImageError  # noqa: E402
-from xray_edge.edge.preprocess import load_image  # noqa: E402
+from xray_edge.errors import ImageError  # noqa: E402
+from xray_edge.preprocess import load_image  # noqa: E402
 
 
 def write_dicom(path: Path, pixels: np.ndarray | None, photometric="MONOCHROME2", bits=12,

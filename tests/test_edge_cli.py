@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import keras_probs, run_cli
-from xray_edge.edge.inputs import walk_images
-from xray_edge.edge.preprocess import load_image
+from xray_edge.inputs import walk_images
+from xray_edge.preprocess import load_image
 
 
 def _lines(text: str) -> list[str]:

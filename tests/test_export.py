@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import export_folder, keras_probs, save_with_record, tiny_model
-from xray_edge.edge.backends import open_backend
-from xray_edge.edge.manifest import read_manifest
-from xray_edge.edge.preprocess import load_image
+from xray_edge.backends import open_backend
+from xray_edge.manifest import read_manifest
+from xray_edge.preprocess import load_image
 from xray_edge.export.parity import FLOAT16_MAX_ABS_DIFF, FLOAT_MAX_ABS_DIFF, INT8_MAX_ABS_DIFF
 from xray_edge.export.pipeline import FORMATS
 
@@ -19,7 +19,7 @@ TESTED_FORMATS: set[str] = set()
 
 
 def real_images(folder: Path, n: int = 12) -> np.ndarray:
-    from xray_edge.edge.inputs import walk_images
+    from xray_edge.inputs import walk_images
 
     paths = list(walk_images(folder))
     step = max(1, len(paths) // n)
@@ -102,7 +102,7 @@ def test_wrong_calibration_scale_is_refused(tmp_path, phantom_data):
     broken = tflite.convert_int8(model, (wrong / 255.0).astype(np.float32))
 
     def tamper(name, data):
-        from xray_edge.edge.metadata import tflite_with_metadata
+        from xray_edge.metadata import tflite_with_metadata
 
         return tflite_with_metadata(broken, {"labels": ["COVID19", "NORMAL"]}) if name == "int8" else data
 
@@ -159,7 +159,7 @@ def test_manifest_binds_everything(tiny_artifacts):
     assert m["input"]["preprocessing"]["version"] and m["input"]["shape"] == [1, 200, 200, 3]
     assert m["source_model"]["sha256"] and m["training"]["synthetic"] is True
     assert {"tensorflow-cpu", "keras", "onnx"} & set(m["versions"])
-    from xray_edge.edge.files import sha256_file
+    from xray_edge.files import sha256_file
 
     for name, entry in m["files"].items():
         assert entry["sha256"] == sha256_file(tiny_artifacts / name)

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from xray_edge.edge.errors import ImageError
-from xray_edge.edge.preprocess import load_image
+from xray_edge.errors import ImageError
+from xray_edge.preprocess import load_image
 
 
 def _seed_files() -> dict[str, bytes]:

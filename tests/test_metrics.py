@@ -77,8 +77,8 @@ def test_confusion_matrix():
 
 def test_one_decision_rule_for_runner_training_and_report():
     """A probability exactly at the threshold is labels[1] for the runner, and counted so."""
-    from xray_edge.edge.classify import decide, predicted_classes
-    from xray_edge.edge.metadata import ModelInfo
+    from xray_edge.classify import decide, predicted_classes
+    from xray_edge.metadata import ModelInfo
     from xray_edge.train.trainer import evaluate
 
     probs = np.array([[0.3], [0.42], [0.9]], dtype=np.float32)

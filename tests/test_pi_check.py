@@ -1,11 +1,11 @@
-"""The host-vs-Pi comparison of scripts/pi_test.py fails on any difference it exists to catch."""
+"""The host-vs-Pi comparison of tests/tools/emulated_pi.py fails on any difference it exists to catch."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location("pi_test", Path(__file__).parents[1] / "scripts" / "pi_test.py")
+spec = importlib.util.spec_from_file_location("pi_test", Path(__file__).parent / "tools" / "emulated_pi.py")
 pi_test = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pi_test)
 

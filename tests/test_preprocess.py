@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray_edge.edge.errors import ImageError
-from xray_edge.edge.preprocess import MAX_PIXELS, Preprocessing, high_depth_to_uint8, load_image
+from xray_edge.errors import ImageError
+from xray_edge.preprocess import MAX_PIXELS, Preprocessing, high_depth_to_uint8, load_image
 
 
 def gradient(w=300, h=240) -> np.ndarray:
@@ -162,14 +162,13 @@ def test_unreadable_file():
     p = folder / "secret.png"
     p.write_bytes(_png_bytes())
     p.chmod(0)
-    code = ("import sys; from xray_edge.edge.preprocess import load_image\n"
-            "from xray_edge.edge.errors import ImageError\n"
+    code = ("import sys; from xray_edge.preprocess import load_image\n"
+            "from xray_edge.errors import ImageError\n"
             f"try:\n load_image({str(p)!r})\nexcept ImageError as e:\n print(e); sys.exit(3)\n")
     cmd = [sys.executable, "-c", code]
     if os.geteuid() == 0:  # root reads anything: check as an unprivileged user
         cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if os.geteuid() == 0 and "Permission denied" in out.stderr and "secret" not in out.stdout:
         pytest.skip("the unprivileged user cannot reach the test folder")
     assert out.returncode == 3, out.stderr

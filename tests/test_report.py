@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from conftest import keras_probs, run_cli
-from xray_edge.edge.classify import decide
-from xray_edge.edge.metadata import ModelInfo
-from xray_edge.edge.preprocess import load_image
+from xray_edge.classify import decide
+from xray_edge.metadata import ModelInfo
+from xray_edge.preprocess import load_image
 
 
 def test_threshold_meets_target_sensitivity_on_validation(shared_artifacts):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray_edge.edge.errors import DatasetError
+from xray_edge.errors import DatasetError
 from xray_edge.train.dataset import discover, stratified_split
 
 

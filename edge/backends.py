@@ -1,0 +1,183 @@
+"""Inference runtimes behind one small interface: a uint8 image in, class probabilities out.
+
+LiteRT (`ai-edge-litert`) and `tflite-runtime` run `.tflite` files; onnxruntime runs `.onnx`.
+Each backend is batch-of-one and keeps its interpreter alive across images. Quantized tensors are
+fed and read through the scale and zero point the interpreter reports, never by assuming /255.
+Pixel scaling is inside the model, so no backend restates any normalization.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from xray_edge.errors import ModelError, RuntimeMissing
+
+EXTRA = {"litert": "litert", "tflite": "tflite", "onnxruntime": "onnx"}
+DIST = {"litert": "ai-edge-litert", "tflite": "tflite-runtime", "onnxruntime": "onnxruntime"}
+FILE_KINDS = {".tflite": ("litert", "tflite"), ".onnx": ("onnxruntime",)}
+
+
+def runtime_version(backend: str) -> str | None:
+    import importlib.metadata  # 12 ms of imports: only when a version is asked for
+
+    try:
+        return importlib.metadata.version(DIST[backend])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _installed(backend: str) -> bool:
+    module = {"litert": "ai_edge_litert", "tflite": "tflite_runtime", "onnxruntime": "onnxruntime"}
+    return importlib.util.find_spec(module[backend]) is not None
+
+
+def _hint(backend: str) -> str:
+    return f"pip install 'xray-edge[{EXTRA[backend]}]'"
+
+
+def choose_backend(model_path: Path, requested: str = "auto") -> str:
+    """Pick the runtime for a model file: the one asked for, or the first installed that fits."""
+    suffix = model_path.suffix.lower()
+    fits = FILE_KINDS.get(suffix)
+    if fits is None:
+        raise ModelError(f"{model_path}: unknown model type {suffix!r} (expected .tflite or .onnx)")
+    if requested != "auto":
+        if requested not in fits:
+            raise ModelError(f"{model_path}: backend {requested!r} cannot run {suffix} files "
+                             f"(use {' or '.join(fits)})")
+        if not _installed(requested):
+            raise RuntimeMissing(f"backend {requested!r} is not installed: {_hint(requested)}")
+        return requested
+    for name in fits:
+        if _installed(name):
+            return name
+    raise RuntimeMissing(f"no runtime for {suffix} files is installed: "
+                         + " or ".join(_hint(n) for n in fits))
+
+
+def open_backend(model_path: Path, backend: str = "auto", threads: int | None = None):
+    """Load `model_path` in a runtime and return an object with `.predict(image) -> probs`."""
+    name = choose_backend(model_path, backend)
+    if name == "onnxruntime":
+        return OnnxBackend(model_path, threads)
+    return TFLiteBackend(model_path, name, _interpreter_class(name), threads)
+
+
+def _interpreter_class(name: str):
+    if name == "tflite":
+        version = runtime_version("tflite") or "0"
+        if int(np.__version__.split(".")[0]) >= 2 and _major_minor(version) < (2, 15):
+            # Importing it anyway prints an ABI traceback from C; say what fixes it instead.
+            raise RuntimeMissing(f"tflite-runtime {version} needs numpy<2 (this is numpy "
+                                 f"{np.__version__}): {_hint('tflite')} in a fresh environment, "
+                                 f"or use {_hint('litert')}")
+    try:
+        if name == "litert":
+            from ai_edge_litert.interpreter import Interpreter
+        else:
+            from tflite_runtime.interpreter import Interpreter
+    except Exception as exc:  # noqa: BLE001 - ImportError, numpy ABI errors (SystemError), ...
+        raise RuntimeMissing(f"{DIST[name]} cannot load here ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}): {_hint(name)}") from None
+    return Interpreter
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = (version.split(".") + ["0", "0"])[:2]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)  # type: ignore
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    """Real values -> integer tensor values: round(x / scale) + zero_point, clipped to dtype."""
+    info = np.iinfo(dtype)
+    q = np.round(x.astype(np.float32) / np.float32(scale)) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return (q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+class TFLiteBackend:
+    """LiteRT or tflite-runtime interpreter, allocated once, invoked per image."""
+
+    def __init__(self, path: Path, name: str, interpreter_cls, threads: int | None = None):
+        self.name = name
+        try:
+            self._it = interpreter_cls(model_path=str(path), num_threads=threads)
+            self._it.allocate_tensors()
+        except Exception as exc:  # noqa: BLE001 - ValueError / RuntimeError from the C++ loader
+            raise ModelError(f"{path}: not a loadable TFLite model "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        inp, out = self._it.get_input_details()[0], self._it.get_output_details()[0]
+        self.input_shape = tuple(int(d) for d in inp["shape"])
+        self.input_dtype = np.dtype(inp["dtype"])
+        self.output_dtype = np.dtype(out["dtype"])
+        self.input_quant = tuple(inp["quantization"])  # (scale, zero_point); (0.0, 0) = float
+        self.output_quant = tuple(out["quantization"])
+        self.input_name, self.output_name = inp["name"], out["name"]
+        self._in, self._out = inp["index"], out["index"]
+        # uint8 pixels with scale 1 and zero point 0 quantize to themselves: skip the float trip.
+        self._identity_input = (self.input_dtype == np.uint8 and self.input_quant == (1.0, 0))
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        x = image[None]
+        if self._identity_input:
+            pass
+        elif self.input_dtype.kind in "iu":
+            x = quantize(x, self.input_quant[0], self.input_quant[1], self.input_dtype)
+        else:
+            x = x.astype(self.input_dtype)
+        self._it.set_tensor(self._in, x)
+        self._it.invoke()
+        y = self._it.get_tensor(self._out)[0]
+        if self.output_dtype.kind in "iu":
+            return dequantize(y, self.output_quant[0], self.output_quant[1])
+        return y.astype(np.float32)
+
+    @cached_property
+    def version(self) -> str | None:
+        return runtime_version(self.name)
+
+    def raw_output(self, image: np.ndarray) -> np.ndarray:
+        """The output tensor as the runtime produced it (int8/uint8 for quantized models)."""
+        self.predict(image)
+        return self._it.get_tensor(self._out)[0].copy()
+
+
+class OnnxBackend:
+    """onnxruntime session on the CPU provider, batch of one."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - InvalidProtobuf, Fail, ...
+            raise ModelError(f"{path}: not a loadable ONNX model "
+                             f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+        inp, out = self._sess.get_inputs()[0], self._sess.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        self.input_shape = tuple(inp.shape)
+        self.input_dtype = np.dtype(np.uint8 if "uint8" in inp.type else np.float32)
+        self.metadata = dict(self._sess.get_modelmeta().custom_metadata_map)
+
+    @cached_property
+    def version(self) -> str | None:
+        return runtime_version(self.name)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        y = self._sess.run([self.output_name], {self.input_name: image[None].astype(self.input_dtype)})
+        return np.asarray(y[0][0], dtype=np.float32)
+
+    raw_output = predict

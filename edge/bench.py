@@ -1,0 +1,74 @@
+"""`xray-edge bench`: how fast and how big a model is on this machine, batch of one."""
+
+from __future__ import annotations
+
+import io
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xray_edge.classify import Classifier
+from xray_edge.model import open_model
+from xray_edge.preprocess import load_image
+
+
+def _percentile(ms: list[float], q: float) -> float:
+    return round(float(np.percentile(ms, q)), 3)
+
+
+def synthetic_jpeg(path: Path, size: int = 1024) -> Path:
+    """A grey gradient-and-noise JPEG, so the benchmark needs no data."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arr = (np.linspace(0, 255, size)[None, :] * 0.6 + rng.normal(60, 20, (size, size))).clip(0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def run_bench(model: str, file_name: str | None, backend: str = "auto", runs: int = 100,
+              image: Path | None = None, threads: int | None = None) -> dict:
+    t = time.perf_counter()
+    loaded = open_model(model, file_name, backend, threads)
+    load_ms = (time.perf_counter() - t) * 1e3  # includes the sha256 check, as in classify
+    be, info, resolved = loaded.backend, loaded.info, loaded.resolved
+    clf = Classifier(be, info)
+    with tempfile.TemporaryDirectory() as tmp:
+        img_path = image or synthetic_jpeg(Path(tmp) / "bench.jpg")
+        x = load_image(img_path, info.preprocessing)
+        t = time.perf_counter()
+        be.predict(x)
+        first_ms = (time.perf_counter() - t) * 1e3
+        lat = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            be.predict(x)
+            lat.append((time.perf_counter() - t) * 1e3)
+        n = max(10, runs // 2)
+        t = time.perf_counter()
+        for _ in clf.classify_paths([Path(img_path)] * n):
+            pass
+        wall = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(n):
+            load_image(img_path, info.preprocessing)
+        decode_ms = (time.perf_counter() - t) * 1e3 / n
+    return {
+        "model": str(resolved.path),
+        "backend": f"{be.name} {be.version}",
+        "threads": threads,
+        "size_mb": round(resolved.path.stat().st_size / 1e6, 2),
+        "load_ms": round(load_ms, 1),
+        "first_invoke_ms": round(first_ms, 2),
+        "latency_p50_ms": _percentile(lat, 50),
+        "latency_p90_ms": _percentile(lat, 90),
+        "latency_p99_ms": _percentile(lat, 99),
+        "decode_ms_per_image": round(decode_ms, 2),
+        "images_per_s_with_decode": round(n / wall, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }

@@ -1,0 +1,106 @@
+"""Batch-of-one classification: decode on worker threads, invoke on this one, in input order."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from xray_edge.errors import ImageError
+from xray_edge.metadata import ModelInfo
+from xray_edge.preprocess import load_image
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    label: str
+    scores: dict[str, float]  # probability of each class
+    decode_ms: float
+    infer_ms: float
+
+    @property
+    def probability(self) -> float:
+        return self.scores[self.label]
+
+
+def predicted_classes(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The runner's decision rule on [N, K] outputs, as class indices.
+
+    Sigmoid (K = 1): class 1 when P(class 1) >= threshold (0.5 when None), else class 0.
+    Softmax: the most probable class. Training, export and the report count with this too.
+    """
+    probs = np.asarray(probs)
+    if probs.shape[-1] == 1:
+        return (probs[:, 0] >= (0.5 if threshold is None else threshold)).astype(np.int64)
+    return probs.argmax(axis=-1)
+
+
+def decide(probs: np.ndarray, info: ModelInfo, threshold: float | None) -> tuple[str, dict[str, float]]:
+    """One model output -> (label, scores), by `predicted_classes`'s rule."""
+    labels = info.labels
+    label = labels[int(predicted_classes(np.asarray(probs)[None], threshold)[0])]
+    if info.binary and probs.shape[-1] == 1:
+        p = float(probs[0])
+        return label, {labels[0]: 1.0 - p, labels[1]: p}
+    return label, {lab: float(v) for lab, v in zip(labels, probs)}
+
+
+class Classifier:
+    """A loaded backend plus the meaning of its outputs."""
+
+    def __init__(self, backend, info: ModelInfo, threshold: float | None = None):
+        self.backend = backend
+        self.info = info
+        self.threshold = info.threshold if threshold is None else threshold
+
+    def classify_array(self, image: np.ndarray) -> tuple[str, dict[str, float]]:
+        return decide(self.backend.predict(image), self.info, self.threshold)
+
+    def classify_paths(self, paths: Iterable[Path | ImageError], workers: int = 2,
+                       lookahead: int = 8) -> Iterator[Prediction | ImageError]:
+        """Yield one Prediction or ImageError per input, in order.
+
+        Decoding runs on `workers` threads (Pillow releases the GIL while decoding and
+        resizing), `lookahead` images ahead of inference, so on a multi-core device throughput
+        is set by the slower of decode and invoke rather than their sum.
+        """
+        spec = self.info.preprocessing
+
+        def decode(p: Path):
+            t0 = time.perf_counter()
+            return load_image(p, spec), (time.perf_counter() - t0) * 1e3
+
+        pending: deque[tuple[Path | ImageError, Future | None]] = deque()
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            it = iter(paths)
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < lookahead:
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    fut = None if isinstance(item, ImageError) else pool.submit(decode, item)
+                    pending.append((item, fut))
+                if not pending:
+                    return
+                item, fut = pending.popleft()
+                if fut is None:
+                    yield item
+                    continue
+                try:
+                    image, decode_ms = fut.result()
+                except ImageError as err:
+                    yield err
+                    continue
+                t0 = time.perf_counter()
+                label, scores = self.classify_array(image)
+                yield Prediction(str(item), label, scores, decode_ms,
+                                 (time.perf_counter() - t0) * 1e3)

@@ -1,0 +1,343 @@
+"""The `xray-edge` command line: parses, calls the library, prints. Nothing else lives here.
+
+Heavy packages load only inside the commands that need them: `classify`, `info` and `bench`
+import neither TensorFlow nor Keras; `train` and `export` import them when they run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from xray_edge import __version__
+from xray_edge.errors import ImageError, XrayEdgeError
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class ToolError(click.ClickException):
+    """A model or configuration error: one line on stderr, exit 2 (usage/model errors)."""
+
+    exit_code = EXIT_USAGE
+
+
+def _fail(exc: Exception) -> ToolError:
+    return ToolError(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="xray-edge")
+def main() -> None:
+    """Chest X-ray classifier from training to a Raspberry Pi.
+
+    \b
+    Typical flow:
+      xray-edge train --data DATA        # DATA/train/<class>/*  -> artifacts/model.keras
+      xray-edge export                   # -> .tflite (float32, int8), .onnx, manifest.json
+      xray-edge classify scan.jpg        # on the device: no TensorFlow needed
+
+    Not a medical device: a research and engineering tool.
+    """
+
+
+# --------------------------------------------------------------------------- train
+@main.command()
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Dataset root with train/<class>/* (and optionally test/<class>/*). "
+                   "Default: generate the synthetic phantom set in data/phantom.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
+              help="Output folder for model.keras, metrics and plots.")
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
+              help="Adam learning rate. The tutorial used 1e-3, which has collapsed to a constant "
+                   "output on the shared real set (README: 'Why 1e-4'); 1e-4 converged in every run.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Stratified share of train/ held out for validation (never augmented).")
+@click.option("--patience", type=click.IntRange(1), default=20, show_default=True,
+              help="Early stopping patience on val_accuracy.")
+@click.option("--zoom", type=click.FloatRange(0, 0.9), default=0.2, show_default=True)
+@click.option("--no-flip", is_flag=True, help="Disable random horizontal flips.")
+@click.option("--seed", type=int, default=1337, show_default=True, help="Same seed, machine and backend: same run.")
+@click.option("--positive-class", default=None,
+              help="The disease class for sensitivity/ROC. Default: the class not named NORMAL.")
+@click.option("--phantom-size", type=click.IntRange(4), default=100, show_default=True,
+              help="Training phantoms per class when --data is not given.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where decoded images are cached. Default: $XDG_CACHE_HOME/xray-edge or ~/.cache/xray-edge.")
+@click.option("--json", "as_json", is_flag=True, help="Print the test metrics as JSON.")
+def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, zoom, no_flip, seed,
+          positive_class, phantom_size, cache_dir, as_json):
+    """Train the tutorial's CNN on a folder of chest X-rays.
+
+    Writes model.keras (best epoch), history.json, training.png, samples.png, metrics.json
+    and roc.png (test split) to --out. Needs the training extra: pip install 'xray-edge[train]'.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from xray_edge.train.dataset import discover
+
+    try:
+        if data is None:
+            from xray_edge.train.phantom import generate_phantoms
+
+            # 50 test phantoms per class: with validation, 140 parity images, so the int8 gate
+            # (at most 1% of decisions flip) is not decided by a single borderline image
+            data = generate_phantoms(Path("data/phantom"), n_train=phantom_size, n_test=max(2, phantom_size // 2))
+            click.echo(f"no --data: using synthetic phantoms in {data}", err=True)
+        discover(data)  # a bad dataset fails here, in a second, before Keras is even imported
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    try:
+        from xray_edge.train.trainer import TrainConfig
+        from xray_edge.train.trainer import train as run_train
+    except ImportError as exc:
+        raise ToolError(f"training needs the extra: pip install 'xray-edge[train]' ({exc.name} missing)") from None
+    try:
+        cfg = TrainConfig(data=data, out=out, epochs=epochs, batch_size=batch_size,
+                          learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
+                          zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
+                          cache_dir=cache_dir or _default_cache_dir())
+        result = run_train(cfg)
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    m = result.metrics
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    click.echo(f"\nsaved {result.model_path} (best epoch {result.record['best_epoch']} of "
+               f"{result.record['epochs_run']}; {result.record['seconds']['total']:.0f} s)")
+    click.echo(f"test split ({m['source']}): n={m['n']} accuracy={m['accuracy']:.3f}"
+               + (f" ROC AUC={m['roc_auc']:.3f} sensitivity={m['sensitivity']['value']:.3f} "
+                  f"specificity={m['specificity']['value']:.3f} ({m['positive_class']} positive)"
+                  if "roc_auc" in m else ""))
+    if result.record["synthetic"]:
+        click.secho("SYNTHETIC DATA: these figures say the pipeline works, nothing about X-rays.",
+                    fg="yellow", err=True)
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "xray-edge"
+
+
+# --------------------------------------------------------------------------- export
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), default=Path("artifacts/model.keras"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder. Default: the model's folder.")
+@click.option("--formats", default="float32,int8,onnx", show_default=True,
+              help="Comma-separated: float32, int8, onnx (the default three), float16, onnx-int8.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Images for calibration and parity when the model has no training.json beside it.")
+@click.option("--calibration-size", type=click.IntRange(1), default=100, show_default=True,
+              help="Training images (drawn reproducibly) that calibrate the int8 ranges.")
+@click.option("--parity-size", type=click.IntRange(1), default=200, show_default=True,
+              help="Held-out images on which every format is compared with Keras.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Decision threshold on P(labels[1]) to record in the manifest. "
+                   "Default: chosen on the validation split for --target-sensitivity.")
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Sensitivity for the disease class that the chosen threshold must reach on validation.")
+@click.option("--float-atol", type=float, default=None, help="Gate: max |Δp| for float formats (default 1e-4).")
+@click.option("--int8-atol", type=float, default=None, help="Gate: max |Δp| for int8 (default 0.05).")
+@click.option("--int8-max-flips", type=float, default=None,
+              help="Gate: share of parity images whose decision may flip in int8 (default 0.01).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export(model, out, formats, data, calibration_size, parity_size, threshold, target_sensitivity,
+           float_atol, int8_atol, int8_max_flips, as_json):
+    """Convert model.keras to TFLite float32, TFLite int8 and ONNX, each proven against Keras.
+
+    Each file is loaded back in its edge runtime and compared with Keras on held-out real
+    images; a file that fails its gate is not written and the command exits 1.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import keras  # noqa: F401 - the converters need both; fail here with the fix
+        import tensorflow  # noqa: F401
+
+        from xray_edge.export import parity
+        from xray_edge.export.pipeline import ExportConfig, run_export
+    except ImportError as exc:
+        raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({exc.name} missing)") from None
+    g = parity.Gates()
+    gates = parity.Gates(
+        float_max_abs_diff=float_atol if float_atol is not None else g.float_max_abs_diff,
+        int8_max_abs_diff=int8_atol if int8_atol is not None else g.int8_max_abs_diff,
+        int8_max_flip_rate=int8_max_flips if int8_max_flips is not None else g.int8_max_flip_rate)
+    cfg = ExportConfig(model=model, out=out or model.parent,
+                       formats=tuple(f.strip() for f in formats.split(",") if f.strip()), data=data,
+                       calibration_size=calibration_size, parity_size=parity_size,
+                       threshold=threshold, target_sensitivity=target_sensitivity, gates=gates)
+    try:
+        result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(result.manifest, indent=2))
+    else:
+        click.echo(format_files_table(result.manifest))
+        click.echo(f"manifest: {cfg.out / 'manifest.json'}  ({result.timings['total']:.1f} s)")
+    if not result.passed:
+        failed = ", ".join(r.format for r in result.results if not r.passed)
+        click.echo(f"error: parity gate failed for {failed}; those files were not written", err=True)
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def format_files_table(manifest: dict) -> str:
+    rows = [("file", "format", "size", "runtime", "max|Δp|", "flips")]
+    for name, e in manifest["files"].items():
+        p = e["parity"]
+        rows.append((name, e["format"], f"{e['size'] / 1e6:.1f} MB", e["runtime"],
+                     f"{p['max_abs_diff']:.1e}", f"{p['decision_flips']}/{p['images']}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# --------------------------------------------------------------------------- report
+@main.command()
+@click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=Path("artifacts"), show_default=True, help="Folder with manifest.json and model.keras.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Test images as DATA/<class>/* or DATA/test/<class>/*. Default: the training's test split.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+def report(artifacts, data, as_json):
+    """Measure every exported format on the same test images; write report.md, report.json, plots.
+
+    One row per format, Keras first: size, load time, batch-of-one latency, max |Δp| and flips vs
+    Keras, accuracy, ROC AUC, sensitivity and specificity with 95% Wilson intervals, at the
+    manifest's operating point and at 0.5.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from xray_edge.export.report import render
+    from xray_edge.export.report.build import build_report
+
+    try:
+        rep = build_report(artifacts, data)
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    render.write(rep, artifacts)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    click.echo(render.table(rep))
+    click.echo(f"\nwrote {artifacts / 'report.md'}, report.json and report_*.png")
+
+
+# --------------------------------------------------------------------------- classify
+_MODEL_HELP = ("An artifacts folder with manifest.json (uses its default file, int8 TFLite) "
+               "or a single .tflite / .onnx file.")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
+@click.option("--file", "file_name", default=None,
+              help="Which file of the artifacts folder, e.g. xray_float32.tflite or xray.onnx.")
+@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
+              show_default=True, help="Runtime; auto picks by file type and what is installed.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Override the manifest's operating point (P(labels[1]) >= threshold).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Interpreter threads. Default: all cores (2 threads: int8 3.8 ms vs 7.5 ms on 1).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def classify(inputs, model, file_name, backend, threshold, threads, as_json):
+    """Classify images: files, folders (recursive), globs, or - to read paths from stdin.
+
+    \b
+    Prints one line per image:  PATH<TAB>LABEL<TAB>PROBABILITY
+    Exit codes: 0 all classified, 1 some inputs failed (the rest printed), 2 usage/model error.
+
+    \b
+    Examples:
+      xray-edge classify scan.jpg
+      xray-edge classify --model artifacts/xray.onnx scans/ --json
+      find /pacs -name '*.dcm' | xray-edge classify -
+    """
+    from xray_edge.inputs import expand_inputs
+
+    clf, loaded = _open_classifier(model, file_name, backend, threads, threshold)
+    if clf.info.synthetic_data:
+        click.secho("warning: this model was trained on SYNTHETIC phantom data, not X-rays", fg="yellow", err=True)
+    stdin = sys.stdin if "-" in inputs else ()
+    failed = 0
+    for item in clf.classify_paths(expand_inputs(inputs, stdin), workers=min(4, os.cpu_count() or 1)):
+        if isinstance(item, ImageError):
+            failed += 1
+            click.echo(f"error: {item}", err=True)
+            continue
+        if as_json:
+            click.echo(json.dumps({
+                "path": item.path, "label": item.label, "probability": round(item.probability, 6),
+                "scores": {k: round(v, 6) for k, v in item.scores.items()},
+                "threshold": clf.threshold, "model": str(loaded.path), "sha256": loaded.sha256,
+                "backend": clf.backend.name, "ms": {"decode": round(item.decode_ms, 2), "infer": round(item.infer_ms, 2)},
+            }))
+        else:
+            click.echo(f"{item.path}\t{item.label}\t{item.probability:.3f}")
+    sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _open_classifier(model, file_name, backend, threads, threshold):
+    from xray_edge.classify import Classifier
+    from xray_edge.model import open_model
+
+    try:
+        loaded = open_model(model, file_name, backend, threads or os.cpu_count())
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    return Classifier(loaded.backend, loaded.info, threshold), loaded
+
+
+# --------------------------------------------------------------------------- info
+@main.command()
+@click.argument("model", default="artifacts")
+@click.option("--file", "file_name", default=None, help="Which file of an artifacts folder.")
+@click.option("--json", "as_json", is_flag=True)
+def info(model, file_name, as_json):
+    """Show a model's labels, input, quantization, size, sha256 and recorded parity."""
+    from xray_edge.info import describe
+
+    try:
+        d = describe(model, file_name)
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    _print_fields(d, as_json)
+
+
+# --------------------------------------------------------------------------- bench
+@main.command()
+@click.argument("model", default="artifacts")
+@click.option("--file", "file_name", default=None, help="Which file of an artifacts folder.")
+@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto")
+@click.option("--runs", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Image to decode in the images/s figure. Default: a generated 1024x1024 JPEG.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Interpreter threads. Default: all cores.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, file_name, backend, runs, image, threads, as_json):
+    """Time a model on this machine: load, first invoke, batch-of-one latency, images/s, memory."""
+    from xray_edge.bench import run_bench
+
+    try:
+        d = run_bench(model, file_name, backend, runs, image, threads or os.cpu_count())
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    _print_fields(d, as_json)
+
+
+def _print_fields(d: dict, as_json: bool) -> None:
+    """One `name  value` line per field, or the dict as JSON."""
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    width = max(map(len, d)) + 2
+    for k, v in d.items():
+        click.echo(f"{k:<{width}}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

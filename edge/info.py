@@ -1,0 +1,33 @@
+"""`xray-edge info`: what a model file is, what it means, and whether it is the file exported."""
+
+from __future__ import annotations
+
+from xray_edge.model import open_model
+
+
+def describe(model: str, file_name: str | None = None) -> dict:
+    loaded = open_model(model, file_name)
+    resolved, backend, info = loaded.resolved, loaded.backend, loaded.info
+    entry = resolved.entry or {}
+    out = {
+        "file": str(resolved.path),
+        "format": info.format or entry.get("format", resolved.path.suffix.lstrip(".")),
+        "size_bytes": resolved.path.stat().st_size,
+        "sha256": loaded.sha256,
+        "manifest": ("sha256 matches manifest.json" if resolved.manifest is not None
+                     else "no manifest beside it: using the file's embedded metadata"),
+        "labels": list(info.labels),
+        "threshold": info.threshold,
+        "decision": (f"{info.labels[1]} when P({info.labels[1]}) >= threshold, else {info.labels[0]}"
+                     if info.binary else "label with the highest probability"),
+        "input": {"name": backend.input_name, "shape": list(backend.input_shape),
+                  "dtype": str(backend.input_dtype)},
+        "quantization": {"input": getattr(backend, "input_quant", None),
+                         "output": getattr(backend, "output_quant", None)},
+        "preprocessing": info.preprocessing.to_dict(),
+        "runtime": f"{backend.name} {backend.version}",
+        "synthetic_data": info.synthetic_data,
+    }
+    if entry.get("parity"):
+        out["parity_at_export"] = entry["parity"]
+    return out

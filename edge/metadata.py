@@ -1,0 +1,96 @@
+"""Metadata that travels inside each model file, so a file copied alone still classifies right.
+
+A `.tflite` file carries it as a small zip appended after the flatbuffer (the interpreter reads
+only the flatbuffer; `zipfile` finds the archive from the end), as Ultralytics does. An `.onnx`
+file carries it as the `xray_edge` metadata property. Both hold the same JSON dict, parsed as
+data, never evaluated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xray_edge.errors import ModelError
+from xray_edge.preprocess import DEFAULT, Preprocessing
+
+TFLITE_MEMBER = "xray_edge.json"
+ONNX_KEY = "xray_edge"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runner needs to turn the model's output into a decision."""
+
+    labels: tuple[str, ...]
+    threshold: float | None = 0.5  # sigmoid models: labels[1] when p >= threshold
+    preprocessing: Preprocessing = DEFAULT
+    format: str = ""
+    synthetic_data: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def binary(self) -> bool:
+        return len(self.labels) == 2
+
+    def to_dict(self) -> dict:
+        return {
+            "labels": list(self.labels),
+            "threshold": self.threshold,
+            "preprocessing": self.preprocessing.to_dict(),
+            "format": self.format,
+            "synthetic_data": self.synthetic_data,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelInfo":
+        try:
+            labels = tuple(str(x) for x in d["labels"])
+            threshold = d.get("threshold", 0.5)
+            pre = Preprocessing.from_dict(d.get("preprocessing", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model metadata is malformed: {exc}") from None
+        if len(labels) < 2:
+            raise ModelError("model metadata lists fewer than two labels")
+        known = {"labels", "threshold", "preprocessing", "format", "synthetic_data"}
+        return cls(labels=labels, threshold=None if threshold is None else float(threshold),
+                   preprocessing=pre, format=str(d.get("format", "")),
+                   synthetic_data=bool(d.get("synthetic_data", False)),
+                   extra={k: v for k, v in d.items() if k not in known})
+
+
+def tflite_with_metadata(flatbuffer: bytes, meta: dict) -> bytes:
+    """Return the .tflite bytes with the metadata zip appended."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(TFLITE_MEMBER, json.dumps(meta, sort_keys=True, indent=1))
+    return flatbuffer + buf.getvalue()
+
+
+def read_tflite_metadata(path: Path) -> dict | None:
+    """The dict appended by `tflite_with_metadata`, or None if the file has none."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            raw = z.read(TFLITE_MEMBER)
+    except (zipfile.BadZipFile, KeyError, OSError):
+        return None
+    return _parse(raw, path)
+
+
+def parse_onnx_metadata(props: dict, path: Path) -> dict | None:
+    raw = props.get(ONNX_KEY)
+    return None if raw is None else _parse(raw, path)
+
+
+def _parse(raw: bytes | str, path: Path) -> dict:
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: embedded metadata is not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{path}: embedded metadata is not a JSON object")
+    return d

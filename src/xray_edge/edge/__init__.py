@@ -1,1 +1,0 @@
-"""The TensorFlow-free part that runs on the device: numpy, Pillow, click and one runtime."""

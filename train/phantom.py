@@ -1,0 +1,80 @@
+"""The embedded default dataset: synthetic "phantom" chest X-rays, generated deterministically.
+
+Two lung fields, ribs, a mediastinum and noise; the OPACITY-bearing class adds soft blobs in the
+lungs, standing in for the ground-glass opacities of COVID-19 pneumonia. They let `make train`
+run offline on a fresh clone. They are NOT X-rays: a root `SYNTHETIC` file marks the folder, and
+every output trained on it says so.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from xray_edge.files import atomic_write_bytes
+from xray_edge.train.dataset import SYNTHETIC_MARKER
+
+CLASSES = ("COVID19", "NORMAL")  # same names and order as the tutorial's dataset
+GENERATOR_VERSION = "2"
+
+
+def phantom_image(rng: np.random.Generator, opacities: bool, size: int = 256) -> np.ndarray:
+    """One grayscale phantom, uint8 (size, size)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.full((size, size), 25.0, np.float32)
+    # torso and soft tissue
+    cx, cy = 0.5 + rng.normal(0, 0.02), 0.55 + rng.normal(0, 0.02)
+    torso = ((xx - cx) / 0.46) ** 2 + ((yy - cy) / 0.55) ** 2 < 1
+    img[torso] = 115 + rng.normal(0, 8)
+    lungs = np.zeros_like(img, bool)
+    for side in (-1, 1):
+        lx = cx + side * (0.18 + rng.normal(0, 0.015))
+        ly = cy - 0.05 + rng.normal(0, 0.015)
+        ax, ay = 0.13 + rng.normal(0, 0.01), 0.3 + rng.normal(0, 0.02)
+        lungs |= ((xx - lx) / ax) ** 2 + ((yy - ly) / ay) ** 2 < 1
+    img[lungs] = 55 + rng.normal(0, 6)
+    # ribs: curved bright bands over the lungs
+    period = 0.075 + rng.normal(0, 0.005)
+    phase = rng.uniform(0, 1)
+    ribs = np.sin(2 * np.pi * ((yy + 0.6 * (xx - cx) ** 2) / period + phase)) > 0.55
+    img[ribs & lungs] += 35
+    # mediastinum and spine
+    img[(np.abs(xx - cx) < 0.06 + 0.02 * (yy > cy)) & torso] = 170 + rng.normal(0, 8)
+    if opacities:
+        for _ in range(rng.integers(3, 6)):
+            inside = np.argwhere(lungs)
+            oy, ox = inside[rng.integers(len(inside))] / size
+            s = rng.uniform(0.06, 0.11)
+            blob = np.exp(-(((xx - ox) ** 2 + (yy - oy) ** 2) / (2 * s * s)))
+            img += rng.uniform(70, 110) * blob * lungs
+    img += rng.normal(0, 7, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def generate_phantoms(out: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
+    """Write out/{train,test}/{COVID19,NORMAL}/*.png (n per class per split); skip if present.
+
+    Returns:
+        `out`, a dataset folder that `xray_edge.train.dataset.discover` reads like a real one.
+    """
+    stamp = out / SYNTHETIC_MARKER
+    expected = f"xray-edge phantom v{GENERATOR_VERSION} n_train={n_train} n_test={n_test} seed={seed}\n"
+    if stamp.exists() and stamp.read_text() == expected:
+        return out
+    for split, n in (("train", n_train), ("test", n_test)):
+        for ci, cls in enumerate(CLASSES):
+            folder = out / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob("*.png"):
+                old.unlink()
+            for i in range(n):
+                rng = np.random.default_rng([seed, ci, i, 0 if split == "train" else 1])
+                arr = phantom_image(rng, opacities=(cls == "COVID19"))
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                atomic_write_bytes(folder / f"phantom_{split}_{cls.lower()}_{i:04d}.png", buf.getvalue())
+    stamp.write_text(expected)
+    return out

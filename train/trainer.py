@@ -1,0 +1,295 @@
+"""Train the tutorial's CNN on a dataset folder and write the model and its evidence.
+
+Recipe (the tutorial's, except the learning rate): batch 32, Adam, binary cross-entropy, zoom 0.2
++ horizontal flip on training images only, a stratified 20% validation split that is never
+augmented, 30 epochs, early stopping on val_accuracy (patience 20), best checkpoint kept.
+The project brief measured the tutorial's Adam 1e-3 collapsing to a constant output in 3 of 3
+seeds on the shared real set; in this pipeline 1e-3 did not collapse in 2 seeds, and 1e-4
+converged in every run (README: "The recipe, and why 1e-4").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import keras
+import numpy as np
+
+from xray_edge.classify import predicted_classes
+from xray_edge.errors import XrayEdgeError
+from xray_edge.files import atomic_write_json, sha256_file
+from xray_edge.preprocess import DEFAULT, Preprocessing
+from xray_edge import metrics
+from xray_edge.train.augment import ZoomFlip
+from xray_edge.train.dataset import Dataset, Split, discover, stratified_split
+
+# A run is called collapsed when its validation outputs barely move or rank no better than chance.
+COLLAPSE_MIN_SPREAD = 0.02  # max - min of validation probabilities
+COLLAPSE_AUC_BAND = 0.05  # |AUC - 0.5| below this
+
+
+class TrainingCollapsed(XrayEdgeError):
+    """Training produced a model that predicts (nearly) the same thing for every image."""
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    out: Path = Path("artifacts")
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2  # held out of train/ only when the dataset has no test/
+    patience: int = 20
+    zoom: float = 0.2
+    flip: bool = True
+    seed: int = 1337
+    cache_dir: Path | None = None
+    workers: int | None = None
+    positive_class: str | None = None  # the disease class; default: the one not named NORMAL
+    preprocessing: Preprocessing = DEFAULT
+    plots: bool = True
+    verbose: int = 1
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    metrics: dict
+    history: dict
+    record: dict = field(default_factory=dict)
+
+
+def positive_index(classes: list[str], requested: str | None) -> int:
+    if requested is not None:
+        if requested not in classes:
+            raise XrayEdgeError(f"--positive-class {requested!r} is not one of {classes}")
+        return classes.index(requested)
+    others = [i for i, c in enumerate(classes) if c.upper() != "NORMAL"]
+    return others[0] if len(others) == len(classes) - 1 else len(classes) - 1
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the whole recipe; see the module docstring. Raises TrainingCollapsed, DatasetError."""
+    from xray_edge.train.cache import decode_images
+    from xray_edge.train.model import build_model
+
+    t_start = time.perf_counter()
+    ds = discover(cfg.data)
+    for f in ds.skipped:
+        click.echo(f"warning: skipping {f}: not an image file", err=True)
+    if ds.synthetic:
+        click.secho("*** SYNTHETIC DATA: training on generated phantoms, not X-rays. The model "
+                    "is for trying the pipeline only. ***", fg="yellow", err=True)
+    splits = _make_splits(ds, cfg)
+    decoded = {}
+    for name, split in splits.items():
+        images, ok, errors = decode_images(split.paths, cfg.preprocessing, cfg.cache_dir,
+                                           cfg.workers, label=f"decoding {name}")
+        for e in errors:
+            click.echo(f"warning: skipped {e}", err=True)
+        decoded[name] = (images, split.labels[ok], split.subset(ok))
+    _check_decoded(decoded, ds.classes)
+    t_decoded = time.perf_counter()
+
+    keras.utils.set_random_seed(cfg.seed)
+    n_classes = len(ds.classes)
+    binary = n_classes == 2
+    model = build_model(n_classes, cfg.preprocessing)
+    trainer = training_model(model, cfg)
+    x_tr, y_tr, _ = decoded["train"]
+    x_val, y_val, _ = decoded["validation"]
+    best = BestWeights(model)
+    history = trainer.fit(
+        x_tr, y_tr, batch_size=cfg.batch_size, epochs=cfg.epochs, validation_data=(x_val, y_val),
+        shuffle=True, verbose=cfg.verbose,
+        callbacks=[best, keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
+                                                       patience=cfg.patience)],
+    ).history
+    model.set_weights(best.weights)
+    t_trained = time.perf_counter()
+
+    pos = positive_index(ds.classes, cfg.positive_class)
+    val_probs = _predict(model, x_val, cfg.batch_size)
+    val_score = metrics.positive_score(val_probs, pos)
+    spread = float(val_score.max() - val_score.min()) if len(val_score) else 0.0
+    val_auc = metrics.roc_auc(y_val == pos, val_score)
+    collapsed = spread < COLLAPSE_MIN_SPREAD or (np.isfinite(val_auc) and abs(val_auc - 0.5) < COLLAPSE_AUC_BAND)
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    x_te, y_te, _ = decoded["test"]
+    test_probs = _predict(model, x_te, cfg.batch_size)
+    test_metrics = evaluate(test_probs, y_te, ds.classes, pos)
+    record = {
+        "data": str(ds.root.resolve()),
+        "synthetic": ds.synthetic,
+        "classes": ds.classes,
+        "positive_class": ds.classes[pos],
+        "test_source": "test/" if ds.test is not None else
+                       f"held out {cfg.test_fraction:.0%} of train/ (the dataset has no test/)",
+        "counts": {k: dict(zip(ds.classes, np.bincount(v[1], minlength=n_classes).tolist()))
+                   for k, v in decoded.items()},
+        "files": {k: [str(p.resolve()) for p in v[2].paths] for k, v in decoded.items()},
+        "labels": {k: v[1].tolist() for k, v in decoded.items()},  # class index per file above
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                   if k not in ("preprocessing", "data", "out", "cache_dir")},
+        "preprocessing": cfg.preprocessing.to_dict(),
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "machine": platform.machine(),
+        "best_epoch": best.best_epoch,
+        "epochs_run": len(history.get("loss", [])),
+        "validation": {"roc_auc": val_auc, "probability_spread": spread, "collapsed": collapsed},
+        "seconds": {"decode": t_decoded - t_start, "train": t_trained - t_decoded},
+    }
+    metrics_doc = {"split": "test", "source": record["test_source"], "synthetic": ds.synthetic,
+                   "classes": ds.classes, "positive_class": ds.classes[pos], **test_metrics}
+    history = {k: [float(v) for v in vals] for k, vals in history.items()}
+    atomic_write_json(cfg.out / "history.json", history)
+    atomic_write_json(cfg.out / "metrics.json", metrics_doc)
+
+    if cfg.plots:
+        from xray_edge.train import plots
+
+        plots.training_curves(history, cfg.out / "training.png", synthetic=ds.synthetic)
+        plots.sample_grid(decoded["train"][0], decoded["train"][1], decoded["train"][2].paths,
+                          ds.classes, cfg.out / "samples.png")
+        if binary and len(np.unique(y_te == pos)) == 2:
+            plots.roc(y_te == pos, metrics.positive_score(test_probs, pos), cfg.out / "roc.png",
+                      title=f"ROC on the test split ({ds.classes[pos]} positive)")
+
+    if collapsed:
+        bad = cfg.out / "model.collapsed.keras"
+        _save_model(model, bad, record)
+        (cfg.out / "model.keras").unlink(missing_ok=True)
+        atomic_write_json(cfg.out / "training.json", record)
+        raise TrainingCollapsed(
+            f"training collapsed: validation probabilities span {spread:.4f}, ROC AUC "
+            f"{val_auc:.3f}; the model predicts nearly the same for every image. Saved as {bad} "
+            f"(not model.keras). Try a lower --learning-rate or another --seed.")
+    model_path = cfg.out / "model.keras"
+    _save_model(model, model_path, record)
+    record["model_sha256"] = sha256_file(model_path)
+    record["seconds"]["total"] = time.perf_counter() - t_start
+    atomic_write_json(cfg.out / "training.json", record)
+    return TrainResult(model_path, metrics_doc, history, record)
+
+
+def training_model(model: keras.Model, cfg: TrainConfig) -> keras.Model:
+    """`model` behind the augmentation layer, compiled with the recipe's optimizer and loss.
+
+    The augmentation is active only when Keras calls it with training=True (fit's training
+    steps), so validation and prediction see the images as they are.
+    """
+    binary = int(model.outputs[0].shape[-1]) == 1
+    trainer = keras.Sequential([keras.Input(cfg.preprocessing.shape, name="image"),
+                                ZoomFlip(cfg.zoom, cfg.flip, seed=cfg.seed, name="augment"),
+                                model], name="xray_cnn_training")
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                    loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+                    metrics=["accuracy"])
+    return trainer
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keep the weights of the best epoch: highest val_accuracy, ties broken by lower val_loss.
+
+    The tutorial's ModelCheckpoint(save_best_only) on val_accuracy alone keeps the first epoch to
+    reach the maximum; on a small validation set many epochs tie, and the lower loss is better.
+    """
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.best = (-np.inf, -np.inf)
+        self.best_epoch = 0
+        self.weights = inner.get_weights()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        score = (logs.get("val_accuracy", -np.inf), -logs.get("val_loss", np.inf))
+        if score > self.best:
+            self.best, self.best_epoch = score, epoch + 1
+            self.weights = self.inner.get_weights()
+
+
+def _make_splits(ds: Dataset, cfg: TrainConfig) -> dict[str, Split]:
+    train = ds.train
+    if ds.test is not None:
+        test = ds.test
+    else:
+        keep, held = stratified_split(train.labels, cfg.test_fraction, cfg.seed + 1)
+        test, train = train.subset(held), train.subset(keep)
+    keep, val = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
+    return {"train": train.subset(keep), "validation": train.subset(val), "test": test}
+
+
+def _check_decoded(decoded: dict, classes: list[str]) -> None:
+    labels = decoded["train"][1]
+    for i, c in enumerate(classes):
+        if not (labels == i).any():
+            raise XrayEdgeError(f"class {c!r} has no readable training images left after skipping bad files")
+    if len(decoded["validation"][1]) == 0:
+        raise XrayEdgeError("no readable validation images")
+
+
+def _predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    if len(x) == 0:
+        return np.zeros((0, model.outputs[0].shape[-1]), np.float32)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def evaluate(probs: np.ndarray, y: np.ndarray, classes: list[str], pos: int,
+             threshold: float = 0.5) -> dict:
+    """Loss, accuracy, confusion matrix; for two classes ROC AUC, sensitivity, specificity."""
+    n = len(classes)
+    pred = predicted_classes(probs, threshold)
+    if probs.shape[-1] == 1:
+        eps = 1e-7
+        p1 = np.clip(probs[:, 0], eps, 1 - eps)
+        loss = float(-np.mean(np.where(y == 1, np.log(p1), np.log(1 - p1)))) if len(y) else float("nan")
+    else:
+        loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1)))) if len(y) else float("nan")
+    out = {
+        "n": int(len(y)),
+        "counts": dict(zip(classes, np.bincount(y, minlength=n).tolist())),
+        "loss": loss,
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "confusion_matrix": {"rows_true_cols_pred": classes,
+                             "matrix": metrics.confusion_matrix(y, pred, n).tolist()},
+    }
+    if n == 2:
+        rep = metrics.decision_report(y == pos, pred == pos)
+        out.update({"threshold": threshold, "sensitivity": rep["sensitivity"],
+                    "specificity": rep["specificity"], "confusion": rep["confusion"],
+                    "roc_auc": metrics.roc_auc(y == pos, metrics.positive_score(probs, pos))})
+    return out
+
+
+def _save_model(model, path: Path, record: dict) -> None:
+    """Save the .keras file atomically, with our metadata as an extra zip member."""
+    tmp = path.with_name(f".{path.name}.tmp.keras")
+    model.save(tmp)
+    meta = {k: record[k] for k in ("synthetic", "classes", "positive_class", "preprocessing", "data")}
+    if record["synthetic"]:
+        meta["WARNING"] = "trained on SYNTHETIC phantom images, not X-rays"
+    with zipfile.ZipFile(tmp, "a") as z:
+        z.writestr("xray_edge.json", json.dumps(meta, indent=1))
+    os.replace(tmp, path)
+
+
+def read_model_metadata(path: Path) -> dict:
+    """The metadata `_save_model` stored in a .keras file ({} for a plain Keras file)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read("xray_edge.json"))
+    except (KeyError, zipfile.BadZipFile, ValueError, OSError):
+        return {}
