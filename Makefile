@@ -12,7 +12,9 @@ TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 TFLITE_VENV := .venv-tflite
 
-.PHONY: help install train export report test pi-test bench bench-train data clean
+BENCH_IMAGES ?= 20000
+
+.PHONY: help install train export report test pi-test bench bench-train bench-data data clean
 
 help:
 	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline)"
@@ -21,6 +23,7 @@ help:
 	@echo "make test                            the test suite (what CI runs)"
 	@echo "make pi-test                         classify on arm64 Debian 12 under qemu, compare with host"
 	@echo "make bench | bench-train             speed figures for the edge runner / training"
+	@echo "make bench-data [BENCH_IMAGES=n]     decode + batch throughput and peak memory, n synthetic images"
 	@echo "make data                            fetch the tutorial's dataset into data/ (needs network)"
 
 $(BIN)/.installed: pyproject.toml
@@ -30,7 +33,17 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-train: $(BIN)/.installed
+# Where nvidia-smi lists a GPU, training gets JAX with the CUDA wheels its driver runs (the CLI
+# then trains with KERAS_BACKEND=jax); without nvidia-smi this installs nothing. A failed
+# install is retried by the next make and leaves training on the CPU meanwhile.
+$(BIN)/.gpu: $(BIN)/.installed
+	@extra=$$($(BIN)/python -m xray_edge.train.device --pip-extra) || exit 1; \
+	if [ -z "$$extra" ]; then touch $@; \
+	else echo "NVIDIA GPU found: installing xray-edge[$$extra] (JAX with CUDA) for training"; \
+	  if $(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,test,$$extra]"; then touch $@; \
+	  else echo "warning: could not install xray-edge[$$extra]; training runs on the CPU" >&2; fi; fi
+
+train: $(BIN)/.gpu
 	$(BIN)/xray-edge train $(if $(DATA),--data "$(DATA)") --epochs $(EPOCHS) --out "$(OUT)" $(TRAIN_ARGS)
 
 export: $(BIN)/.installed
@@ -60,8 +73,13 @@ pi-test: $(BIN)/.installed $(TFLITE_VENV)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python tests/tools/bench_edge.py --artifacts "$(OUT)"
 
-bench-train: $(BIN)/.installed
+bench-train: $(BIN)/.gpu
 	$(BIN)/python tests/tools/bench_train.py
+
+# Input pipeline only (no model): phantoms drawn into data/bench, decoded into the cache, one
+# shuffled epoch of batches; prints images/s and the peak resident memory.
+bench-data: $(BIN)/.installed
+	$(BIN)/python tests/tools/bench_data.py --images $(BENCH_IMAGES) --out data/bench
 
 data:
 	@mkdir -p data
@@ -71,4 +89,4 @@ data:
 	else echo "error: cannot fetch the tutorial's dataset (offline?). Copy a folder laid out as DATA/train/<class>/* and run: make train DATA=path" >&2; exit 1; fi
 
 clean:
-	rm -rf $(OUT) data/phantom build *.egg-info
+	rm -rf $(OUT) data/phantom data/bench build *.egg-info

@@ -69,15 +69,24 @@ def main() -> None:
               help="Training phantoms per class when --data is not given.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where decoded images are cached. Default: $XDG_CACHE_HOME/xray-edge or ~/.cache/xray-edge.")
+@click.option("--backend", type=click.Choice(["auto", "tensorflow", "jax", "torch"]), default="auto",
+              show_default=True, help="Keras backend. auto: KERAS_BACKEND if set, else JAX where it can "
+                                      "use a visible NVIDIA GPU, else Keras' default (TensorFlow).")
+@click.option("--devices", default="1", show_default=True, callback=lambda c, p, v: _devices_option(v),
+              help="Train data-parallel on N devices, or 'all' (JAX backend; batch size a multiple of N).")
+@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16"]), default="float32",
+              show_default=True, help="mixed_bfloat16 computes in bfloat16 (faster on recent GPUs); "
+                                      "variables and the saved model stay float32.")
 @click.option("--json", "as_json", is_flag=True, help="Print the test metrics as JSON.")
 def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, zoom, no_flip, seed,
-          positive_class, phantom_size, cache_dir, as_json):
+          positive_class, phantom_size, cache_dir, backend, devices, precision, as_json):
     """Train the tutorial's CNN on a folder of chest X-rays.
 
     Writes model.keras (best epoch), history.json, training.png, samples.png, metrics.json
     and roc.png (test split) to --out. Needs the training extra: pip install 'xray-edge[train]'.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from xray_edge.train import device
     from xray_edge.train.dataset import discover
 
     try:
@@ -91,6 +100,11 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
         discover(data)  # a bad dataset fails here, in a second, before Keras is even imported
     except XrayEdgeError as exc:
         raise _fail(exc) from None
+    gpus = device.visible_gpus()
+    chosen = device.choose_backend(None if backend == "auto" else backend, os.environ.get("KERAS_BACKEND"),
+                                   gpus, device.jax_cuda_installed())
+    if chosen:
+        os.environ["KERAS_BACKEND"] = chosen  # read once, when Keras is first imported (next line)
     try:
         from xray_edge.train.trainer import TrainConfig
         from xray_edge.train.trainer import train as run_train
@@ -100,8 +114,9 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
         cfg = TrainConfig(data=data, out=out, epochs=epochs, batch_size=batch_size,
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
                           zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
-                          cache_dir=cache_dir or _default_cache_dir())
-        result = run_train(cfg)
+                          cache_dir=cache_dir or _default_cache_dir(), precision=precision,
+                          devices=devices, visible_gpus=tuple(gpus))
+        result = run_train(cfg, log=_log_line, progress=_ProgressBars())
     except XrayEdgeError as exc:
         raise _fail(exc) from None
     m = result.metrics
@@ -117,6 +132,48 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
     if result.record["synthetic"]:
         click.secho("SYNTHETIC DATA: these figures say the pipeline works, nothing about X-rays.",
                     fg="yellow", err=True)
+
+
+def _devices_option(value: str):
+    if value == "all":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{value!r}: a number of devices (1, 2, ...) or 'all'")
+    return n
+
+
+def _log_line(line: str) -> None:
+    warn = line.startswith(("warning", "***"))
+    click.secho(line, err=True, fg="yellow" if warn else None)
+
+
+class _ProgressBars:
+    """Draws the library's progress(label, done, total) calls as click progress bars on stderr."""
+
+    def __init__(self):
+        self.bar, self.label, self.done = None, None, 0
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label != self.label:
+            self._close()
+            if done >= total:
+                return
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            self.bar.__enter__()
+            self.label, self.done = label, 0
+        self.bar.update(done - self.done)
+        self.done = done
+        if done >= total:
+            self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+        self.bar, self.label = None, None
 
 
 def _default_cache_dir() -> Path:

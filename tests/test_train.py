@@ -149,14 +149,18 @@ def test_short_run_on_phantoms_writes_everything_and_skips_bad_files(tmp_path, p
               "roc.png", "training.json"):
         assert (out / f).stat().st_size > 0, f
     err = capfd.readouterr().err
-    assert "broken.jpg" in err and "SYNTHETIC" in err
+    assert "broken.jpg" in err and "SYNTHETIC" in err and "device: cpu" in err
     rec = json.loads((out / "training.json").read_text())
     assert rec["synthetic"] is True and rec["classes"] == ["COVID19", "NORMAL"]
+    assert rec["precision"] == "float32" and len(rec["devices"]) == 1
+    sec = rec["seconds"]  # compile (in the first epoch), the other epochs and the rest, apart
+    assert sec["first_epoch_with_compile"] > 0 and sec["later_epochs"] > 0 and sec["after_training"] > 0
+    assert sec["decode"] + sec["train"] + sec["after_training"] == pytest.approx(sec["total"], rel=1e-6)
     m = json.loads((out / "metrics.json").read_text())
     assert m["synthetic"] is True and {"loss", "accuracy", "roc_auc", "sensitivity", "specificity"} <= set(m)
     assert len(m["sensitivity"]["ci95"]) == 2
     assert not set(rec["files"]["validation"]) & set(rec["files"]["train"])
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # train, validation, test decoded once
+    assert len(list((tmp_path / "cache").glob("*[0-9a-f].npy"))) == 3  # train, validation, test decoded once
     from xray_edge.train.trainer import read_model_metadata
 
     assert read_model_metadata(out / "model.keras")["synthetic"] is True
@@ -168,6 +172,32 @@ def test_same_seed_same_run(tmp_path, phantom_data):
     runs = [train(TrainConfig(data=phantom_data, out=tmp_path / str(i), epochs=1, verbose=0,
                               cache_dir=tmp_path / "cache", plots=False)).history for i in range(2)]
     assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-5)
+
+
+def test_mixed_precision_trains_in_bfloat16_and_saves_float32():
+    import keras
+
+    from xray_edge.train.model import build_model
+    from xray_edge.train.trainer import TrainConfig, _as_float32, backend_settings
+
+    cfg = TrainConfig(data=None, precision="mixed_bfloat16")
+    with backend_settings(cfg):
+        model = build_model(2)
+        assert {l.dtype_policy.name for l in model.layers} == {"mixed_bfloat16"}
+        assert {v.dtype for v in model.weights} == {"float32"}
+        saved = _as_float32(model, 2, cfg)
+    assert {l.dtype_policy.name for l in saved.layers} == {"float32"}
+    assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), model.get_weights()))
+    assert keras.config.dtype_policy().name == "float32"  # restored for whatever runs next
+
+
+def test_unknown_precision_is_refused():
+    from xray_edge.errors import XrayEdgeError
+    from xray_edge.train.trainer import TrainConfig, backend_settings
+
+    with pytest.raises(XrayEdgeError, match="precision"):
+        with backend_settings(TrainConfig(data=None, precision="float16")):
+            pass
 
 
 def test_collapse_is_detected_and_not_saved_as_model(tmp_path, phantom_data):

@@ -1,7 +1,10 @@
-"""Decode a list of images once, in parallel, into a uint8 array cached on disk.
+"""Decode a list of images once, in parallel, into an image store cached on disk.
 
-The cache key covers every file's bytes, the preprocessing recipe and its version, so a changed
-image or recipe never reuses stale pixels, and a second run starts without decoding.
+The cache key covers every file's name and bytes, the preprocessing recipe and its version, so
+a changed image or recipe never reuses stale pixels, and a second run starts without decoding.
+Worker processes write pixels straight into the store (`train/store.py`); the parent records
+which rows are done every few seconds, so an interrupted decode resumes where it stopped. The
+store gets its final name only once every row is decoded (or known to be a bad file).
 """
 
 from __future__ import annotations
@@ -9,40 +12,94 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
+import tempfile
+import time
+from concurrent.futures import as_completed
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import click
 import numpy as np
 
 from xray_edge.errors import ImageError
 from xray_edge.files import atomic_write_bytes
 from xray_edge.preprocess import Preprocessing, load_image
+from xray_edge.train.store import ImageStore
+from xray_edge.train.workers import process_pool
+
+Progress = Callable[[str, int, int], None]  # (label, done, total), called as work completes
+Log = Callable[[str], None]
+
+PENDING, OK, BAD = 0, 1, 2  # row status
+FLUSH_SECONDS = 2.0  # how much decoding an interruption may cost
+CHUNK = 16  # images per task sent to a worker
+# Starting a worker process costs about as much as decoding a few dozen small images in place.
+MIN_IMAGES_PER_WORKER = 64
+
+
+@dataclass
+class Decoded:
+    store: ImageStore  # one row per path, in the order given; rows of bad files stay zero
+    ok: np.ndarray  # indices into the paths of the images that decoded
+    errors: list[str]  # one line per bad file
 
 
 def cache_key(paths: list[Path], spec: Preprocessing) -> str:
     h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
     for p in paths:
-        h.update(p.name.encode() + b"\0")
+        h.update(Path(p).name.encode() + b"\0")
         with open(p, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()[:32]
 
 
-def _decode(args: tuple[str, Preprocessing]):
-    path, spec = args
-    try:
-        return load_image(path, spec), None
-    except ImageError as err:
-        return None, str(err)
+def decode_to_store(paths: list[Path], spec: Preprocessing, folder: Path, workers: int | None = None,
+                    label: str = "decoding", progress: Progress | None = None,
+                    log: Log | None = None) -> Decoded:
+    """Decode `paths` into `folder`/KEY.npy, or reuse it: see the module docstring.
+
+    Args:
+        folder: a writable folder (the cache, or a temporary one).
+        progress: called with (label, done, total) while decoding.
+
+    Returns:
+        Decoded: the store, the indices of the readable images, one message per bad file.
+    """
+    log = log or (lambda s: None)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, spec)
+    final, partial = folder / f"{key}.npy", folder / f"{key}.partial.npy"
+    state_file = folder / f"{key}.state.npz"
+    shape = (len(paths), *spec.shape)
+    status, errors = _load_state(state_file, len(paths))
+    if status is not None and (status != PENDING).all() and final.exists():
+        store = _open(final, shape)
+        if store is not None:
+            log(f"{label}: {len(paths)} images from cache ({final})")
+            return _decoded(store, status, errors)
+    store = _open(partial, shape)
+    if store is None or status is None:
+        store = ImageStore.create(partial, len(paths), spec.shape)
+        status, errors = np.zeros(len(paths), np.uint8), {}
+    elif (status != PENDING).any():
+        log(f"{label}: resuming, {int((status != PENDING).sum())} of {len(paths)} already decoded")
+    pending = int((status == PENDING).sum())
+    workers = min(workers or os.cpu_count() or 1, math.ceil(pending / MIN_IMAGES_PER_WORKER))
+    if workers > 1:
+        log(f"{label}: {pending} images with {workers} worker processes into {partial}")
+    _decode_pending(store, paths, spec, status, errors, state_file, workers, label, progress)
+    store.close()
+    os.replace(partial, final)
+    return _decoded(_open(final, shape), status, errors)
 
 
 def decode_images(paths: list[Path], spec: Preprocessing, cache_dir: Path | None,
-                  workers: int | None = None, label: str = "decoding") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode `paths` with the one preprocessing.
+                  workers: int | None = None, label: str = "decoding",
+                  progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode `paths` into memory with the one preprocessing (for sets that fit in RAM).
 
     Returns:
         (images uint8 [n_ok, H, W, C], ok index per image into `paths`, error messages). A bad
@@ -50,46 +107,92 @@ def decode_images(paths: list[Path], spec: Preprocessing, cache_dir: Path | None
     """
     if not paths:
         return np.zeros((0, *spec.shape), np.uint8), np.zeros(0, np.int64), []
-    key = cache_key(paths, spec) if cache_dir else None
-    if key:
-        hit = _load(cache_dir, key)
-        if hit is not None:
-            click.echo(f"{label}: {len(paths)} images from cache ({cache_dir / key}.npz)", err=True)
-            return hit
-    images = np.zeros((len(paths), *spec.shape), np.uint8)
-    ok = np.zeros(len(paths), bool)
-    errors: list[str] = []
-    workers = workers or os.cpu_count() or 1
-    jobs = [(str(p), spec) for p in paths]
-    with ProcessPoolExecutor(max_workers=workers) as pool, \
-            click.progressbar(pool.map(_decode, jobs, chunksize=4), length=len(jobs),
-                              label=label, file=sys.stderr) as bar:
-        for i, (arr, err) in enumerate(bar):
+    with tempfile.TemporaryDirectory(prefix="xray-edge-decode-") as tmp:
+        d = decode_to_store(paths, spec, cache_dir or Path(tmp), workers, label, progress)
+        return d.store.read(d.ok), d.ok, d.errors
+
+
+def _decode_pending(store: ImageStore, paths, spec, status, errors, state_file, workers: int,
+                    label, progress) -> None:
+    pending = np.flatnonzero(status == PENDING)
+    total = len(paths)
+    report = progress or (lambda *a: None)
+    done = total - len(pending)
+    report(label, done, total)
+    chunks = [[(int(i), str(paths[i])) for i in pending[a:a + CHUNK]] for a in range(0, len(pending), CHUNK)]
+    last_flush = time.monotonic()
+
+    def record(results) -> None:
+        nonlocal last_flush, done
+        for i, err in results:
+            status[i] = BAD if err else OK
             if err:
-                errors.append(err)
-            else:
-                images[i], ok[i] = arr, True
-    idx = np.flatnonzero(ok)
-    result = (images[idx], idx, errors)
-    if key:
-        _save(cache_dir, key, result)
-    return result
+                errors[i] = err
+        done += len(results)
+        report(label, done, total)
+        if time.monotonic() - last_flush > FLUSH_SECONDS:
+            _checkpoint(store, status, errors, state_file)
+            last_flush = time.monotonic()
 
-
-def _load(cache_dir: Path, key: str):
-    f = cache_dir / f"{key}.npz"
     try:
-        with np.load(f, allow_pickle=False) as z:
-            return z["images"], z["ok"], [str(e) for e in z["errors"]]
-    except (OSError, KeyError, ValueError):
-        return None
+        if workers <= 1:
+            for chunk in chunks:
+                record(_decode_chunk(store, spec, chunk))
+        else:
+            with process_pool(workers) as pool:
+                futures = [pool.submit(_decode_chunk, store, spec, c) for c in chunks]
+                try:
+                    for fut in as_completed(futures):
+                        record(fut.result())
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    finally:  # done or interrupted: keep what is finished
+        _checkpoint(store, status, errors, state_file)
 
 
-def _save(cache_dir: Path, key: str, result) -> None:
-    images, ok, errors = result
+def _decode_chunk(store: ImageStore, spec: Preprocessing, items: list[tuple[int, str]]):
+    out = []
+    for i, path in items:
+        try:
+            store.write(i, load_image(path, spec))
+            out.append((i, None))
+        except ImageError as err:
+            out.append((i, str(err)))
+    return out
+
+
+def _checkpoint(store: ImageStore, status, errors: dict, state_file: Path) -> None:
+    store.flush()  # pixels on disk before the state says they are there
+    rows = np.fromiter(errors, np.int64, len(errors))
     buf = io.BytesIO()
-    np.savez(buf, images=images, ok=ok, errors=np.asarray(errors, dtype=str))
+    np.savez(buf, status=status, error_rows=rows, error_messages=np.asarray([errors[i] for i in rows], dtype=str))
+    atomic_write_bytes(state_file, buf.getvalue())
+
+
+def _load_state(state_file: Path, n: int):
     try:
-        atomic_write_bytes(cache_dir / f"{key}.npz", buf.getvalue())
-    except OSError as exc:  # a read-only cache only costs time
-        click.echo(f"warning: cannot write decode cache ({exc})", err=True)
+        with np.load(state_file, allow_pickle=False) as z:
+            status = z["status"]
+            errors = dict(zip(z["error_rows"].tolist(), map(str, z["error_messages"])))
+    except (OSError, KeyError, ValueError):
+        return None, {}
+    if status.shape != (n,) or status.dtype != np.uint8:
+        return None, {}
+    return status.copy(), errors
+
+
+def _open(path: Path, shape: tuple[int, ...]) -> ImageStore | None:
+    try:
+        store = ImageStore(path)
+    except (OSError, ValueError):
+        return None
+    expected = store.offset + math.prod(shape)
+    if store.shape != shape or path.stat().st_size != expected:
+        store.close()
+        return None
+    return store
+
+
+def _decoded(store: ImageStore, status: np.ndarray, errors: dict) -> Decoded:
+    return Decoded(store, np.flatnonzero(status == OK), [errors[i] for i in sorted(errors)])

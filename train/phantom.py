@@ -9,13 +9,14 @@ every output trained on it says so.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from xray_edge.files import atomic_write_bytes
 from xray_edge.train.dataset import SYNTHETIC_MARKER
+from xray_edge.train.workers import process_pool
 
 CLASSES = ("COVID19", "NORMAL")  # same names and order as the tutorial's dataset
 GENERATOR_VERSION = "2"
@@ -54,27 +55,50 @@ def phantom_image(rng: np.random.Generator, opacities: bool, size: int = 256) ->
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def generate_phantoms(out: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
+def generate_phantoms(out: Path, n_train: int = 60, n_test: int = 20, seed: int = 0,
+                     size: int = 256, workers: int | None = None) -> Path:
     """Write out/{train,test}/{COVID19,NORMAL}/*.png (n per class per split); skip if present.
+
+    Drawn in parallel; each image depends only on (seed, class, index, split), so the set is the
+    same whatever the number of workers.
 
     Returns:
         `out`, a dataset folder that `xray_edge.train.dataset.discover` reads like a real one.
     """
     stamp = out / SYNTHETIC_MARKER
-    expected = f"xray-edge phantom v{GENERATOR_VERSION} n_train={n_train} n_test={n_test} seed={seed}\n"
+    expected = f"xray-edge phantom v{GENERATOR_VERSION} n_train={n_train} n_test={n_test} seed={seed}"
+    expected += f" size={size}\n" if size != 256 else "\n"
     if stamp.exists() and stamp.read_text() == expected:
         return out
+    stamp.unlink(missing_ok=True)
+    jobs = []
     for split, n in (("train", n_train), ("test", n_test)):
         for ci, cls in enumerate(CLASSES):
             folder = out / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             for old in folder.glob("*.png"):
                 old.unlink()
-            for i in range(n):
-                rng = np.random.default_rng([seed, ci, i, 0 if split == "train" else 1])
-                arr = phantom_image(rng, opacities=(cls == "COVID19"))
-                buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, format="PNG")
-                atomic_write_bytes(folder / f"phantom_{split}_{cls.lower()}_{i:04d}.png", buf.getvalue())
+            jobs += [(folder / f"phantom_{split}_{cls.lower()}_{i:04d}.png", [seed, ci, i, 0 if split == "train" else 1],
+                      cls == "COVID19", size) for i in range(n)]
+    chunks = [jobs[a:a + 64] for a in range(0, len(jobs), 64)]
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
+    if workers <= 1:
+        for c in chunks:
+            _write_phantoms(c)
+    else:
+        with process_pool(workers) as pool:
+            list(pool.map(_write_phantoms, chunks))
     stamp.write_text(expected)
     return out
+
+
+def _write_phantoms(jobs) -> None:
+    for path, rng_key, opacities, size in jobs:
+        arr = phantom_image(np.random.default_rng(rng_key), opacities=opacities, size=size)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        # renamed into place, never half-written; not fsynced: the set is redrawn when its
+        # stamp (written last) is missing, and thousands of fsyncs cost more than the drawing
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)

@@ -10,15 +10,18 @@ converged in every run (README: "The recipe, and why 1e-4").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
-import click
 import keras
 import numpy as np
 
@@ -28,11 +31,21 @@ from xray_edge.files import atomic_write_json, sha256_file
 from xray_edge.preprocess import DEFAULT, Preprocessing
 from xray_edge import metrics
 from xray_edge.train.augment import ZoomFlip
+from xray_edge.train.batches import Batches, predict
+from xray_edge.train.cache import Decoded, Progress, decode_to_store
 from xray_edge.train.dataset import Dataset, Split, discover, stratified_split
+from xray_edge.train.device import Devices, Gpu, training_devices, unused_gpu_warning
 
 # A run is called collapsed when its validation outputs barely move or rank no better than chance.
 COLLAPSE_MIN_SPREAD = 0.02  # max - min of validation probabilities
 COLLAPSE_AUC_BAND = 0.05  # |AUC - 0.5| below this
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 class TrainingCollapsed(XrayEdgeError):
@@ -58,6 +71,17 @@ class TrainConfig:
     preprocessing: Preprocessing = DEFAULT
     plots: bool = True
     verbose: int = 1
+    # "mixed_bfloat16" computes in bfloat16 with float32 variables; the saved model is float32
+    # either way. float32 stays the default until bfloat16 is shown to converge as well on a GPU.
+    precision: str = "float32"
+    devices: int | str = 1  # or "all": data-parallel over that many devices (JAX backend)
+    visible_gpus: tuple[Gpu, ...] = ()  # what nvidia-smi lists (the CLI fills it): warn if unused
+
+
+class SplitData(NamedTuple):
+    images: Decoded  # the split's decoded image store
+    labels: np.ndarray  # class index per readable image
+    split: Split  # the readable images' paths and labels
 
 
 @dataclass
@@ -77,94 +101,74 @@ def positive_index(classes: list[str], requested: str | None) -> int:
     return others[0] if len(others) == len(classes) - 1 else len(classes) - 1
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run the whole recipe; see the module docstring. Raises TrainingCollapsed, DatasetError."""
-    from xray_edge.train.cache import decode_images
+def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None) -> TrainResult:
+    """Run the whole recipe; see the module docstring. Raises TrainingCollapsed, DatasetError.
+
+    Args:
+        log: receives one line per message (warnings, the device).
+        progress: receives (label, done, total) while images decode.
+    """
     from xray_edge.train.model import build_model
 
     t_start = time.perf_counter()
     ds = discover(cfg.data)
-    for f in ds.skipped:
-        click.echo(f"warning: skipping {f}: not an image file", err=True)
-    if ds.synthetic:
-        click.secho("*** SYNTHETIC DATA: training on generated phantoms, not X-rays. The model "
-                    "is for trying the pipeline only. ***", fg="yellow", err=True)
-    splits = _make_splits(ds, cfg)
-    decoded = {}
-    for name, split in splits.items():
-        images, ok, errors = decode_images(split.paths, cfg.preprocessing, cfg.cache_dir,
-                                           cfg.workers, label=f"decoding {name}")
-        for e in errors:
-            click.echo(f"warning: skipped {e}", err=True)
-        decoded[name] = (images, split.labels[ok], split.subset(ok))
-    _check_decoded(decoded, ds.classes)
-    t_decoded = time.perf_counter()
+    _announce_dataset(ds, log)
+    with _store_folder(cfg.cache_dir, log) as folder, backend_settings(cfg):
+        decoded = _decode_splits(ds, cfg, folder, log, progress)
+        t_decoded = time.perf_counter()
+        devices = _choose_devices(cfg, log)
+        n_classes = len(ds.classes)
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_model(n_classes, cfg.preprocessing)
+        history, best, clock = fit_model(model, decoded, cfg, len(devices.names))
+        best.restore()
+        model = _as_float32(model, n_classes, cfg)
+        t_trained = time.perf_counter()
 
-    keras.utils.set_random_seed(cfg.seed)
-    n_classes = len(ds.classes)
-    binary = n_classes == 2
-    model = build_model(n_classes, cfg.preprocessing)
-    trainer = training_model(model, cfg)
-    x_tr, y_tr, _ = decoded["train"]
-    x_val, y_val, _ = decoded["validation"]
-    best = BestWeights(model)
-    history = trainer.fit(
-        x_tr, y_tr, batch_size=cfg.batch_size, epochs=cfg.epochs, validation_data=(x_val, y_val),
-        shuffle=True, verbose=cfg.verbose,
-        callbacks=[best, keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
-                                                       patience=cfg.patience)],
-    ).history
-    model.set_weights(best.weights)
-    t_trained = time.perf_counter()
+        pos = positive_index(ds.classes, cfg.positive_class)
+        x_val, y_val, _ = decoded["validation"]
+        val_probs = predict(model, x_val.store, x_val.ok, cfg.batch_size, len(devices.names))
+        val_score = metrics.positive_score(val_probs, pos)
+        spread = float(val_score.max() - val_score.min()) if len(val_score) else 0.0
+        val_auc = metrics.roc_auc(y_val == pos, val_score)
+        collapsed = spread < COLLAPSE_MIN_SPREAD or (np.isfinite(val_auc) and abs(val_auc - 0.5) < COLLAPSE_AUC_BAND)
 
-    pos = positive_index(ds.classes, cfg.positive_class)
-    val_probs = _predict(model, x_val, cfg.batch_size)
-    val_score = metrics.positive_score(val_probs, pos)
-    spread = float(val_score.max() - val_score.min()) if len(val_score) else 0.0
-    val_auc = metrics.roc_auc(y_val == pos, val_score)
-    collapsed = spread < COLLAPSE_MIN_SPREAD or (np.isfinite(val_auc) and abs(val_auc - 0.5) < COLLAPSE_AUC_BAND)
-
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    x_te, y_te, _ = decoded["test"]
-    test_probs = _predict(model, x_te, cfg.batch_size)
-    test_metrics = evaluate(test_probs, y_te, ds.classes, pos)
-    record = {
-        "data": str(ds.root.resolve()),
-        "synthetic": ds.synthetic,
-        "classes": ds.classes,
-        "positive_class": ds.classes[pos],
-        "test_source": "test/" if ds.test is not None else
-                       f"held out {cfg.test_fraction:.0%} of train/ (the dataset has no test/)",
-        "counts": {k: dict(zip(ds.classes, np.bincount(v[1], minlength=n_classes).tolist()))
-                   for k, v in decoded.items()},
-        "files": {k: [str(p.resolve()) for p in v[2].paths] for k, v in decoded.items()},
-        "labels": {k: v[1].tolist() for k, v in decoded.items()},  # class index per file above
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                   if k not in ("preprocessing", "data", "out", "cache_dir")},
-        "preprocessing": cfg.preprocessing.to_dict(),
-        "backend": keras.backend.backend(),
-        "keras": keras.__version__,
-        "machine": platform.machine(),
-        "best_epoch": best.best_epoch,
-        "epochs_run": len(history.get("loss", [])),
-        "validation": {"roc_auc": val_auc, "probability_spread": spread, "collapsed": collapsed},
-        "seconds": {"decode": t_decoded - t_start, "train": t_trained - t_decoded},
-    }
-    metrics_doc = {"split": "test", "source": record["test_source"], "synthetic": ds.synthetic,
-                   "classes": ds.classes, "positive_class": ds.classes[pos], **test_metrics}
-    history = {k: [float(v) for v in vals] for k, vals in history.items()}
-    atomic_write_json(cfg.out / "history.json", history)
-    atomic_write_json(cfg.out / "metrics.json", metrics_doc)
-
-    if cfg.plots:
-        from xray_edge.train import plots
-
-        plots.training_curves(history, cfg.out / "training.png", synthetic=ds.synthetic)
-        plots.sample_grid(decoded["train"][0], decoded["train"][1], decoded["train"][2].paths,
-                          ds.classes, cfg.out / "samples.png")
-        if binary and len(np.unique(y_te == pos)) == 2:
-            plots.roc(y_te == pos, metrics.positive_score(test_probs, pos), cfg.out / "roc.png",
-                      title=f"ROC on the test split ({ds.classes[pos]} positive)")
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        x_te, y_te, _ = decoded["test"]
+        test_probs = predict(model, x_te.store, x_te.ok, cfg.batch_size, len(devices.names))
+        test_metrics = evaluate(test_probs, y_te, ds.classes, pos)
+        record = {
+            "data": str(ds.root.resolve()),
+            "synthetic": ds.synthetic,
+            "classes": ds.classes,
+            "positive_class": ds.classes[pos],
+            "test_source": "test/" if ds.test is not None else
+                           f"held out {cfg.test_fraction:.0%} of train/ (the dataset has no test/)",
+            "counts": {k: dict(zip(ds.classes, np.bincount(v[1], minlength=n_classes).tolist()))
+                       for k, v in decoded.items()},
+            "files": {k: [str(p.resolve()) for p in v[2].paths] for k, v in decoded.items()},
+            "labels": {k: v[1].tolist() for k, v in decoded.items()},  # class index per file above
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                       if k not in ("preprocessing", "data", "out", "cache_dir")},
+            "preprocessing": cfg.preprocessing.to_dict(),
+            "backend": keras.backend.backend(),
+            "keras": keras.__version__,
+            "machine": platform.machine(),
+            "best_epoch": best.best_epoch,
+            "epochs_run": len(history.get("loss", [])),
+            "validation": {"roc_auc": val_auc, "probability_spread": spread, "collapsed": collapsed},
+            "seconds": {"decode": t_decoded - t_start, "train": t_trained - t_decoded},
+        }
+        record["devices"] = list(devices.names)
+        record["precision"] = cfg.precision
+        record["seconds"].update(clock.seconds())
+        metrics_doc = {"split": "test", "source": record["test_source"], "synthetic": ds.synthetic,
+                       "classes": ds.classes, "positive_class": ds.classes[pos], **test_metrics}
+        history = {k: [float(v) for v in vals] for k, vals in history.items()}
+        atomic_write_json(cfg.out / "history.json", history)
+        atomic_write_json(cfg.out / "metrics.json", metrics_doc)
+        if cfg.plots:
+            _plots(history, decoded["train"], ds, y_te, test_probs, pos, cfg.out)
 
     if collapsed:
         bad = cfg.out / "model.collapsed.keras"
@@ -179,23 +183,150 @@ def train(cfg: TrainConfig) -> TrainResult:
     _save_model(model, model_path, record)
     record["model_sha256"] = sha256_file(model_path)
     record["seconds"]["total"] = time.perf_counter() - t_start
+    record["seconds"]["after_training"] = record["seconds"]["total"] - (t_trained - t_start)
     atomic_write_json(cfg.out / "training.json", record)
     return TrainResult(model_path, metrics_doc, history, record)
+
+
+def _announce_dataset(ds: Dataset, log: Log) -> None:
+    for f in ds.skipped:
+        log(f"warning: skipping {f}: not an image file")
+    if ds.synthetic:
+        log("*** SYNTHETIC DATA: training on generated phantoms, not X-rays. The model "
+            "is for trying the pipeline only. ***")
+
+
+@contextlib.contextmanager
+def _store_folder(cache_dir: Path | None, log: Log):
+    """The cache folder for decoded images, or a temporary one (no cache, or not writable)."""
+    if cache_dir is not None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            if os.access(cache_dir, os.W_OK):
+                yield cache_dir
+                return
+        except OSError:
+            pass
+        log(f"warning: cannot write the decode cache in {cache_dir}; decoding into a temporary folder")
+    with tempfile.TemporaryDirectory(prefix="xray-edge-train-") as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def backend_settings(cfg: TrainConfig):
+    """Precision and JAX's compilation cache for this run; the global policy is restored after."""
+    if cfg.precision not in PRECISIONS:
+        raise XrayEdgeError(f"--precision {cfg.precision!r}: choose from {', '.join(PRECISIONS)}")
+    if keras.backend.backend() == "jax" and cfg.cache_dir is not None:
+        import jax
+
+        # XLA compiles the training step anew in every process (~9 s on an H100); on disk, the
+        # second run loads it instead
+        jax.config.update("jax_compilation_cache_dir", str(cfg.cache_dir / "jax"))
+    try:
+        with _dtype_policy(cfg.precision):
+            yield
+    finally:
+        if keras.backend.backend() == "jax":  # --devices N set a global distribution
+            keras.distribution.set_distribution(None)
+
+
+def _decode_splits(ds: Dataset, cfg: TrainConfig, folder: Path, log: Log,
+                   progress: Progress | None) -> dict[str, SplitData]:
+    decoded = {}
+    for name, split in _make_splits(ds, cfg).items():
+        d = decode_to_store(split.paths, cfg.preprocessing, folder, cfg.workers,
+                            label=f"decoding {name}", progress=progress, log=log)
+        for e in d.errors:
+            log(f"warning: skipped {e}")
+        decoded[name] = SplitData(d, split.labels[d.ok], split.subset(d.ok))
+    _check_decoded(decoded, ds.classes)
+    return decoded
+
+
+def _choose_devices(cfg: TrainConfig, log: Log) -> Devices:
+    devices = training_devices(cfg.devices)
+    if cfg.batch_size % len(devices.names):
+        raise XrayEdgeError(f"--batch-size {cfg.batch_size} is not a multiple of the "
+                            f"{len(devices.names)} devices")
+    log(f"device: {devices.describe()}")
+    warning = unused_gpu_warning(list(cfg.visible_gpus), devices)
+    if warning:
+        log(warning)
+    return devices
+
+
+def fit_model(model: keras.Model, decoded: dict[str, SplitData], cfg: TrainConfig, n_devices: int = 1):
+    """Train `model` in place on the "train" split, validating on "validation" every epoch.
+
+    Batches stream from the decoded stores, shuffled per epoch from `cfg.seed`; with
+    `n_devices` > 1 (set up by `device.training_devices`) they are split across the devices.
+
+    Returns:
+        (history dict, BestWeights (call `.restore()`), EpochClock).
+    """
+    trainer = training_model(model, cfg)
+    tr, val = decoded["train"], decoded["validation"]
+    best, clock = BestWeights(model), EpochClock()
+    history = trainer.fit(
+        Batches(tr.images.store, tr.images.ok, tr.labels, cfg.batch_size, seed=cfg.seed, devices=n_devices),
+        validation_data=Batches(val.images.store, val.images.ok, val.labels, cfg.batch_size,
+                                devices=n_devices),
+        epochs=cfg.epochs, shuffle=False, verbose=cfg.verbose,
+        callbacks=[clock, best, keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
+                                                              patience=cfg.patience)],
+    ).history
+    return history, best, clock
+
+
+def _as_float32(model: keras.Model, n_classes: int, cfg: TrainConfig) -> keras.Model:
+    """The same weights in a float32 model: what is saved and exported, whatever the precision."""
+    if cfg.precision == "float32":
+        return model
+    from xray_edge.train.model import build_model
+
+    with _dtype_policy("float32"):
+        plain = build_model(n_classes, cfg.preprocessing)
+    plain.set_weights(model.get_weights())
+    return plain
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def _plots(history: dict, train_split: SplitData, ds: Dataset, y_te, test_probs, pos: int, out: Path) -> None:
+    from xray_edge.train import plots
+
+    plots.training_curves(history, out / "training.png", synthetic=ds.synthetic)
+    d = train_split.images
+    plots.sample_grid(d.store.rows(d.ok), train_split.labels, train_split.split.paths, ds.classes,
+                      out / "samples.png")
+    if len(ds.classes) == 2 and len(np.unique(y_te == pos)) == 2:
+        plots.roc(y_te == pos, metrics.positive_score(test_probs, pos), out / "roc.png",
+                  title=f"ROC on the test split ({ds.classes[pos]} positive)")
 
 
 def training_model(model: keras.Model, cfg: TrainConfig) -> keras.Model:
     """`model` behind the augmentation layer, compiled with the recipe's optimizer and loss.
 
     The augmentation is active only when Keras calls it with training=True (fit's training
-    steps), so validation and prediction see the images as they are.
+    steps), so validation and prediction see the images as they are. Loss and accuracy are
+    weighted by sample (all 1, except the zero-weight padding of data-parallel batches).
     """
     binary = int(model.outputs[0].shape[-1]) == 1
     trainer = keras.Sequential([keras.Input(cfg.preprocessing.shape, name="image"),
                                 ZoomFlip(cfg.zoom, cfg.flip, seed=cfg.seed, name="augment"),
                                 model], name="xray_cnn_training")
+    loss = (keras.losses.BinaryCrossentropy if binary else keras.losses.SparseCategoricalCrossentropy)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                    loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-                    metrics=["accuracy"])
+                    loss=loss(reduction="mean_with_sample_weight"), weighted_metrics=["accuracy"])
     return trainer
 
 
@@ -204,6 +335,7 @@ class BestWeights(keras.callbacks.Callback):
 
     The tutorial's ModelCheckpoint(save_best_only) on val_accuracy alone keeps the first epoch to
     reach the maximum; on a small validation set many epochs tie, and the lower loss is better.
+    The copy stays on the device that trains (no transfer to the host per improvement).
     """
 
     def __init__(self, inner):
@@ -211,14 +343,40 @@ class BestWeights(keras.callbacks.Callback):
         self.inner = inner
         self.best = (-np.inf, -np.inf)
         self.best_epoch = 0
-        self.weights = inner.get_weights()
+        self.snapshot = self._copy()
+
+    def _copy(self) -> list:
+        return [keras.ops.copy(v.value) for v in self.inner.weights]
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         score = (logs.get("val_accuracy", -np.inf), -logs.get("val_loss", np.inf))
         if score > self.best:
             self.best, self.best_epoch = score, epoch + 1
-            self.weights = self.inner.get_weights()
+            self.snapshot = self._copy()
+
+    def restore(self) -> None:
+        for v, value in zip(self.inner.weights, self.snapshot):
+            v.assign(value)
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Seconds per epoch: the first one includes compiling the training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.durations: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.durations.append(time.perf_counter() - self._t)
+
+    def seconds(self) -> dict:
+        d = self.durations
+        return {"first_epoch_with_compile": d[0] if d else 0.0, "later_epochs": float(sum(d[1:])),
+                "per_later_epoch_median": float(np.median(d[1:])) if len(d) > 1 else None}
 
 
 def _make_splits(ds: Dataset, cfg: TrainConfig) -> dict[str, Split]:
@@ -239,12 +397,6 @@ def _check_decoded(decoded: dict, classes: list[str]) -> None:
             raise XrayEdgeError(f"class {c!r} has no readable training images left after skipping bad files")
     if len(decoded["validation"][1]) == 0:
         raise XrayEdgeError("no readable validation images")
-
-
-def _predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    if len(x) == 0:
-        return np.zeros((0, model.outputs[0].shape[-1]), np.float32)
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
 
 
 def evaluate(probs: np.ndarray, y: np.ndarray, classes: list[str], pos: int,
