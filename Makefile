@@ -56,8 +56,9 @@ report: $(BIN)/.installed
 # edge package only (no TensorFlow), exactly as on a device.
 $(TFLITE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TFLITE_VENV)
+	@# no stamp on failure: the next make retries instead of skipping tflite-runtime's tests for good
 	$(TFLITE_VENV)/bin/pip install -q --disable-pip-version-check -e ".[tflite]" || \
-	  echo "warning: tflite-runtime could not be installed here; its tests will be skipped"
+	  { rm -rf $(TFLITE_VENV); echo "error: could not install tflite-runtime into $(TFLITE_VENV) (see pip's message above)" >&2; exit 1; }
 	@touch $@
 
 test: $(BIN)/.installed $(TFLITE_VENV)/.installed
@@ -67,7 +68,10 @@ test: $(BIN)/.installed $(TFLITE_VENV)/.installed
 
 # The edge runner on a Raspberry Pi's software stack (arm64 Debian 12, Python 3.11) under qemu-user.
 pi-test: $(BIN)/.installed $(TFLITE_VENV)/.installed
-	@command -v qemu-aarch64-static >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null; }
+	@# qemu-user-static is a Debian package: installed here with apt-get (root) when missing
+	@command -v qemu-aarch64-static >/dev/null || { echo "installing qemu-user-static with apt-get" >&2; \
+	  apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null; } || \
+	  { echo "error: make pi-test needs qemu-user-static; install it as root: apt-get install qemu-user-static" >&2; exit 1; }
 	XRAY_EDGE_TFLITE_PYTHON=$(abspath $(TFLITE_VENV))/bin/python $(BIN)/python tests/tools/emulated_pi.py $(PI_ARGS)
 
 bench: $(BIN)/.installed

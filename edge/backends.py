@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_edge.errors import ModelError, RuntimeMissing
+from xray_edge.errors import ModelError, RuntimeMissing, first_line
 
 EXTRA = {"litert": "litert", "tflite": "tflite", "onnxruntime": "onnx"}
 DIST = {"litert": "ai-edge-litert", "tflite": "tflite-runtime", "onnxruntime": "onnxruntime"}
@@ -82,7 +82,7 @@ def _interpreter_class(name: str):
             from tflite_runtime.interpreter import Interpreter
     except Exception as exc:  # noqa: BLE001 - ImportError, numpy ABI errors (SystemError), ...
         raise RuntimeMissing(f"{DIST[name]} cannot load here ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}): {_hint(name)}") from None
+                             f"{first_line(exc)}): {_hint(name)}") from None
     return Interpreter
 
 
@@ -112,7 +112,7 @@ class TFLiteBackend:
             self._it.allocate_tensors()
         except Exception as exc:  # noqa: BLE001 - ValueError / RuntimeError from the C++ loader
             raise ModelError(f"{path}: not a loadable TFLite model "
-                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                             f"({first_line(exc)})") from None
         inp, out = self._it.get_input_details()[0], self._it.get_output_details()[0]
         self.input_shape = tuple(int(d) for d in inp["shape"])
         self.input_dtype = np.dtype(inp["dtype"])
@@ -165,7 +165,7 @@ class OnnxBackend:
             self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - InvalidProtobuf, Fail, ...
             raise ModelError(f"{path}: not a loadable ONNX model "
-                             f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+                             f"({first_line(exc)})") from None
         inp, out = self._sess.get_inputs()[0], self._sess.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
         self.input_shape = tuple(inp.shape)

@@ -123,13 +123,14 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
-    click.echo(f"\nsaved {result.model_path} (best epoch {result.record['best_epoch']} of "
-               f"{result.record['epochs_run']}; {result.record['seconds']['total']:.0f} s)")
+    rec = result.record
+    click.echo(f"\nsaved {result.model_path} (best epoch {rec.best_epoch} of {rec.epochs_run}; "
+               f"{rec.seconds['total']:.0f} s)")
     click.echo(f"test split ({m['source']}): n={m['n']} accuracy={m['accuracy']:.3f}"
                + (f" ROC AUC={m['roc_auc']:.3f} sensitivity={m['sensitivity']['value']:.3f} "
                   f"specificity={m['specificity']['value']:.3f} ({m['positive_class']} positive)"
                   if "roc_auc" in m else ""))
-    if result.record["synthetic"]:
+    if rec.synthetic:
         click.secho("SYNTHETIC DATA: these figures say the pipeline works, nothing about X-rays.",
                     fg="yellow", err=True)
 
@@ -234,7 +235,7 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     except XrayEdgeError as exc:
         raise _fail(exc) from None
     if as_json:
-        click.echo(json.dumps(result.manifest, indent=2))
+        click.echo(json.dumps(result.manifest.to_dict(), indent=2))
     else:
         click.echo(format_files_table(result.manifest))
         click.echo(f"manifest: {cfg.out / 'manifest.json'}  ({result.timings['total']:.1f} s)")
@@ -244,11 +245,11 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
         sys.exit(EXIT_SOME_FAILED)
 
 
-def format_files_table(manifest: dict) -> str:
+def format_files_table(manifest) -> str:
     rows = [("file", "format", "size", "runtime", "max|Δp|", "flips")]
-    for name, e in manifest["files"].items():
-        p = e["parity"]
-        rows.append((name, e["format"], f"{e['size'] / 1e6:.1f} MB", e["runtime"],
+    for name, e in manifest.files.items():
+        p = e.parity or {}
+        rows.append((name, e.format, f"{e.size / 1e6:.1f} MB", e.runtime,
                      f"{p['max_abs_diff']:.1e}", f"{p['decision_flips']}/{p['images']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_edge.errors import ImageError
+from xray_edge.errors import ImageError, first_line
 
 
 def read_dicom(path: Path) -> np.ndarray:
@@ -23,7 +23,7 @@ def read_dicom(path: Path) -> np.ndarray:
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001 - InvalidDicomError, EOFError, struct.error, ...
-        raise ImageError(path, f"not a readable DICOM file: {_first_line(exc)}") from None
+        raise ImageError(path, f"not a readable DICOM file: {first_line(exc)}") from None
     if "PixelData" not in ds:
         raise ImageError(path, "DICOM file has no pixel data")
     try:
@@ -34,7 +34,7 @@ def read_dicom(path: Path) -> np.ndarray:
         if syntax is not None and getattr(syntax, "is_compressed", False):
             raise ImageError(path, f"compressed DICOM ({name}) needs a decoder: "
                                    "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
-        raise ImageError(path, f"cannot decode DICOM pixels: {_first_line(exc)}") from None
+        raise ImageError(path, f"cannot decode DICOM pixels: {first_line(exc)}") from None
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
         arr = arr[0]
@@ -75,8 +75,3 @@ def _first(v):
         return v[0]
     except (TypeError, IndexError):
         return v
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

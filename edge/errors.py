@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class XrayEdgeError(Exception):
     """Base of every error the tool reports to a user instead of a traceback."""
 

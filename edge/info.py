@@ -8,10 +8,10 @@ from xray_edge.model import open_model
 def describe(model: str, file_name: str | None = None) -> dict:
     loaded = open_model(model, file_name)
     resolved, backend, info = loaded.resolved, loaded.backend, loaded.info
-    entry = resolved.entry or {}
+    entry = resolved.entry
     out = {
         "file": str(resolved.path),
-        "format": info.format or entry.get("format", resolved.path.suffix.lstrip(".")),
+        "format": info.format or resolved.path.suffix.lstrip("."),
         "size_bytes": resolved.path.stat().st_size,
         "sha256": loaded.sha256,
         "manifest": ("sha256 matches manifest.json" if resolved.manifest is not None
@@ -28,6 +28,6 @@ def describe(model: str, file_name: str | None = None) -> dict:
         "runtime": f"{backend.name} {backend.version}",
         "synthetic_data": info.synthetic_data,
     }
-    if entry.get("parity"):
-        out["parity_at_export"] = entry["parity"]
+    if entry is not None and entry.parity:
+        out["parity_at_export"] = entry.parity
     return out

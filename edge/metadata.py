@@ -18,6 +18,7 @@ from xray_edge.errors import ModelError
 from xray_edge.preprocess import DEFAULT, Preprocessing
 
 TFLITE_MEMBER = "xray_edge.json"
+KERAS_MEMBER = "xray_edge.json"  # the trainer's extra member in the .keras zip
 ONNX_KEY = "xray_edge"
 
 
@@ -94,3 +95,13 @@ def _parse(raw: bytes | str, path: Path) -> dict:
     if not isinstance(d, dict):
         raise ModelError(f"{path}: embedded metadata is not a JSON object")
     return d
+
+
+def read_keras_metadata(path: Path) -> dict:
+    """The metadata the trainer stored in a .keras file ({} for a plain Keras file)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            d = json.loads(z.read(KERAS_MEMBER))
+    except (KeyError, zipfile.BadZipFile, ValueError, OSError):
+        return {}
+    return d if isinstance(d, dict) else {}

@@ -9,7 +9,7 @@ from pathlib import Path
 from xray_edge.backends import open_backend
 from xray_edge.errors import ModelError
 from xray_edge.files import sha256_file
-from xray_edge.manifest import MANIFEST_NAME, check_digest, manifest_entry, read_manifest
+from xray_edge.manifest import MANIFEST_NAME, FileEntry, Manifest, check_digest, read_manifest
 from xray_edge.metadata import ModelInfo, read_tflite_metadata
 
 DEFAULT_FILE = "xray_int8.tflite"  # smallest and fastest on a Pi; the manifest may name another
@@ -18,8 +18,8 @@ DEFAULT_FILE = "xray_int8.tflite"  # smallest and fastest on a Pi; the manifest 
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path
-    manifest: dict | None  # None when a lone file is used with its embedded metadata
-    entry: dict | None  # the manifest's entry for this file
+    manifest: Manifest | None  # None when a lone file is used with its embedded metadata
+    entry: FileEntry | None  # the manifest's entry for this file
 
 
 @dataclass(frozen=True)
@@ -70,19 +70,19 @@ def resolve_model(model: str | Path, file_name: str | None = None) -> ResolvedMo
     p = Path(model)
     if p.is_dir():
         manifest = read_manifest(p / MANIFEST_NAME)
-        name = file_name or manifest.get("default") or DEFAULT_FILE
+        name = file_name or manifest.default or DEFAULT_FILE
         path = p / name
         if not path.is_file():
-            listed = ", ".join(sorted(manifest["files"])) or "none"
+            listed = ", ".join(sorted(manifest.files)) or "none"
             raise ModelError(f"{path}: not found (the manifest lists: {listed})")
-        return ResolvedModel(path, manifest, manifest_entry(manifest, path))
+        return ResolvedModel(path, manifest, manifest.entry(path))
     if not p.exists():
         raise ModelError(f"{p}: model not found")
     side = p.parent / MANIFEST_NAME
     if side.exists():
         manifest = read_manifest(side)
-        if p.name in manifest["files"]:
-            return ResolvedModel(p, manifest, manifest_entry(manifest, p))
+        if p.name in manifest.files:
+            return ResolvedModel(p, manifest, manifest.entry(p))
     return ResolvedModel(p, None, None)
 
 
@@ -90,11 +90,8 @@ def model_info(resolved: ResolvedModel, backend=None) -> ModelInfo:
     """Labels, threshold and preprocessing: from the manifest, else from the file itself."""
     if resolved.manifest is not None:
         m = resolved.manifest
-        d = {"labels": m["labels"], "threshold": m.get("threshold"),
-             "preprocessing": m.get("input", {}).get("preprocessing", {}),
-             "format": (resolved.entry or {}).get("format", ""),
-             "synthetic_data": m.get("training", {}).get("synthetic", False)}
-        return ModelInfo.from_dict(d)
+        return ModelInfo(m.labels, m.threshold, m.preprocessing,
+                         resolved.entry.format if resolved.entry else "", m.synthetic)
     if resolved.path.suffix.lower() == ".onnx":
         from xray_edge.metadata import parse_onnx_metadata
 

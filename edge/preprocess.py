@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from xray_edge.errors import ImageError
+from xray_edge.errors import ImageError, first_line
 
 # Bump whenever the pixels this module produces change: the training cache and the manifest
 # are keyed by it, so a model is never fed arrays made by a different recipe.
@@ -142,8 +142,7 @@ def _read_pillow(p: Path, size: int) -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageError(p, f"decompression bomb: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels") from None
     except Exception as exc:  # noqa: BLE001 - every decoder failure is a bad file, not a crash
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageError(p, f"cannot decode: {msg}") from None
+        raise ImageError(p, f"cannot decode: {first_line(exc)}") from None
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -179,3 +178,34 @@ def high_depth_to_uint8(arr: np.ndarray) -> np.ndarray:
     hi = int(arr.max()) if arr.size else 0
     bits = max(8, math.ceil(math.log2(hi + 1))) if hi > 0 else 8
     return np.round(arr * (255.0 / (2**bits - 1))).astype(np.uint8)
+
+
+def load_images(paths: list, spec: Preprocessing = DEFAULT,
+                workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode many files with `load_image` on threads (Pillow releases the GIL while decoding).
+
+    For the few hundred images that export and the report read; training's cache
+    (`xray_edge.train.cache`) does the same for whole data sets, on disk.
+
+    Returns:
+        (images uint8 [n_ok, H, W, C], index into `paths` of each decoded image, one message per
+        file that could not be decoded). A bad file is skipped, never fatal.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p):
+        try:
+            return load_image(p, spec), None
+        except ImageError as err:
+            return None, str(err)
+
+    images, ok, errors = [], [], []
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for i, (arr, err) in enumerate(pool.map(one, paths)):
+            if err is None:
+                images.append(arr)
+                ok.append(i)
+            else:
+                errors.append(err)
+    stacked = np.stack(images) if images else np.zeros((0, *spec.shape), np.uint8)
+    return stacked, np.asarray(ok, dtype=np.int64), errors

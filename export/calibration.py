@@ -9,6 +9,7 @@ import numpy as np
 
 from xray_edge.errors import XrayEdgeError
 from xray_edge.inputs import walk_images
+from xray_edge.training_record import TrainingRecord
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class ImageSets:
     source: str
 
 
-def draw(paths: list[Path], n: int, seed: int) -> list[Path]:
+def sample(paths: list[Path], n: int, seed: int) -> list[Path]:
     """A reproducible sample of up to n paths (same seed and list -> same sample)."""
     paths = sorted(paths)
     if len(paths) <= n:
@@ -27,20 +28,19 @@ def draw(paths: list[Path], n: int, seed: int) -> list[Path]:
     return [paths[i] for i in sorted(idx)]
 
 
-def image_sets(record: dict, data: Path | None, n_calibration: int, n_parity: int,
+def image_sets(record: TrainingRecord | None, data: Path | None, n_calibration: int, n_parity: int,
                seed: int) -> ImageSets:
     """Calibration from training images, parity from held-out ones.
 
-    Uses the split lists of the training record (training.json, {} when there is none); with
+    Uses the split lists of the training record (training.json, None when there is none); with
     `data` (a folder of images, e.g. a dataset root) instead, splits its images in two halves
     reproducibly.
     """
-    if data is None and record:
-        files = record.get("files", {})
-        train = [Path(p) for p in files.get("train", []) if Path(p).exists()]
-        held = [Path(p) for p in files.get("validation", []) + files.get("test", []) if Path(p).exists()]
+    if data is None and record is not None:
+        train = record.split("train")[0]
+        held = record.split("validation")[0] + record.split("test")[0]
         if train and held:
-            return ImageSets(draw(train, n_calibration, seed), draw(held, n_parity, seed + 1),
+            return ImageSets(sample(train, n_calibration, seed), sample(held, n_parity, seed + 1),
                              "training.json: training split / validation+test splits")
     if data is None:
         raise XrayEdgeError("no images for calibration and parity: no training.json with the "
@@ -52,5 +52,5 @@ def image_sets(record: dict, data: Path | None, n_calibration: int, n_parity: in
     half = len(allp) // 2
     cal = [allp[i] for i in order[:half]]
     par = [allp[i] for i in order[half:]]
-    return ImageSets(draw(cal, n_calibration, seed), draw(par, n_parity, seed + 1),
+    return ImageSets(sample(cal, n_calibration, seed), sample(par, n_parity, seed + 1),
                      f"{data}: random halves (seed {seed})")

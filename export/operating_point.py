@@ -7,30 +7,27 @@ it on the model's output, P(labels[1]), which is what the runner compares.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from xray_edge import metrics
+from xray_edge.preprocess import Preprocessing, load_images
+from xray_edge.training_record import TrainingRecord
 
 DEFAULT_TARGET_SENSITIVITY = 0.95
 
 
-def choose_threshold(model, record: dict, spec, target: float, decode) -> tuple[float, dict]:
+def choose_threshold(model, record: TrainingRecord | None, spec: Preprocessing,
+                     target: float) -> tuple[float, dict]:
     """Return (threshold on P(labels[1]), description for the manifest).
 
     Falls back to 0.5, saying why, when there is no labelled validation split to choose on.
     """
-    classes = record.get("classes") or []
-    files = record.get("files", {}).get("validation", [])
-    labels = record.get("labels", {}).get("validation", [])
-    if len(classes) != 2 or not files or len(files) != len(labels):
+    paths, labels = record.split("validation") if record else ([], [])
+    if record is None or len(record.classes) != 2 or not paths or -1 in labels:
         return 0.5, {"threshold": 0.5, "chosen_on": "default 0.5 (no labelled validation split in training.json)"}
-    pos = classes.index(record.get("positive_class") or classes[0])
-    paths = [Path(p) for p in files]
-    keep = [i for i, p in enumerate(paths) if p.exists()]
-    images, ok, _ = decode([paths[i] for i in keep], spec)
-    y = np.asarray([labels[keep[i]] for i in ok]) == pos
+    classes, pos = record.classes, record.positive_index
+    images, ok, _ = load_images(paths, spec)
+    y = np.asarray([labels[i] for i in ok]) == pos
     if y.sum() == 0 or (~y).sum() == 0:
         return 0.5, {"threshold": 0.5, "chosen_on": "default 0.5 (validation split lacks a class)"}
     probs = np.asarray(model.predict(images, batch_size=16, verbose=0), dtype=np.float64)

@@ -7,9 +7,9 @@ passes rename it to its final name. Then the manifest is written, also atomicall
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib.metadata
-import json
 import os
 import platform
 import time
@@ -21,11 +21,12 @@ import numpy as np
 
 from xray_edge import __version__
 from xray_edge.backends import open_backend
-from xray_edge.errors import XrayEdgeError
-from xray_edge.files import atomic_write_bytes, atomic_write_json, sha256_file
-from xray_edge.manifest import MANIFEST_NAME, SCHEMA_VERSION
-from xray_edge.metadata import ModelInfo, tflite_with_metadata
-from xray_edge.preprocess import Preprocessing
+from xray_edge.errors import XrayEdgeError, first_line
+from xray_edge.files import atomic_write_bytes, sha256_file
+from xray_edge.manifest import FileEntry, Manifest, write_manifest
+from xray_edge.metadata import ModelInfo, read_keras_metadata, tflite_with_metadata
+from xray_edge.preprocess import Preprocessing, load_images
+from xray_edge.training_record import TrainingRecord
 from xray_edge.export import calibration, parity
 from xray_edge.export.operating_point import DEFAULT_TARGET_SENSITIVITY, choose_threshold
 
@@ -72,7 +73,7 @@ class ExportConfig:
 
 @dataclass
 class ExportResult:
-    manifest: dict
+    manifest: Manifest
     results: list[parity.ParityResult]
     timings: dict
 
@@ -97,28 +98,23 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     t0 = time.perf_counter()
     import keras
 
-    from xray_edge.train.cache import decode_images
-    from xray_edge.train.trainer import read_model_metadata
-
     try:
         model = keras.saving.load_model(cfg.model, compile=False)
     except Exception as exc:  # noqa: BLE001 - zip, h5, deserialization errors
-        raise XrayEdgeError(f"{cfg.model}: cannot load Keras model ({str(exc).splitlines()[0][:200]})") from None
+        raise XrayEdgeError(f"{cfg.model}: cannot load Keras model ({first_line(exc)})") from None
     timings["load_model"] = time.perf_counter() - t0
-    record = _read_json(cfg.model.parent / "training.json")
-    meta = read_model_metadata(cfg.model)
-    classes = record.get("classes") or meta.get("classes")
+    record = TrainingRecord.read(cfg.model.parent)
+    meta = read_keras_metadata(cfg.model)
+    classes = record.classes if record else meta.get("classes")
     if not classes:
         raise XrayEdgeError(f"{cfg.model}: no class names (no training.json beside it)")
-    spec = Preprocessing.from_dict(record.get("preprocessing") or meta.get("preprocessing") or {})
-    synthetic = bool(record.get("synthetic", meta.get("synthetic", False)))
+    spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
+    synthetic = record.synthetic if record else bool(meta.get("synthetic", False))
     binary = int(model.outputs[0].shape[-1]) == 1
     if cfg.threshold is not None:
         threshold, operating_point = cfg.threshold, {"threshold": cfg.threshold, "chosen_on": "given by the user"}
     elif binary:
-        threshold, operating_point = choose_threshold(
-            model, record, spec, cfg.target_sensitivity,
-            lambda paths, s: decode_images(paths, s, None, label="validation images"))
+        threshold, operating_point = choose_threshold(model, record, spec, cfg.target_sensitivity)
     else:
         threshold, operating_point = None, {"threshold": None, "chosen_on": "softmax: highest probability"}
     log(f"threshold: {threshold if threshold is None else round(threshold, 4)} ({operating_point['chosen_on']})")
@@ -128,9 +124,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
                                   cfg.parity_size, cfg.seed)
     t = time.perf_counter()
     need_cal = any(FORMATS[f].quantized for f in cfg.formats)
-    cal_images = (decode_images(sets.calibration, spec, None, label="calibration images")[0]
+    cal_images = (load_images(sets.calibration, spec)[0]
                   if need_cal else np.zeros((0, *spec.shape), np.uint8))
-    par_images, _, par_err = decode_images(sets.parity, spec, None, label="parity images")
+    par_images, _, par_err = load_images(sets.parity, spec)
     for e in par_err:
         log(f"warning: skipped {e}")
     reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
@@ -140,7 +136,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     cfg.out.mkdir(parents=True, exist_ok=True)
     source_sha = sha256_file(cfg.model)
     results: list[parity.ParityResult] = []
-    files: dict[str, dict] = {}
+    files: dict[str, FileEntry] = {}
     for name in cfg.formats:
         fmt = FORMATS[name]
         t = time.perf_counter()
@@ -153,43 +149,42 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         res, entry = _prove_and_place(fmt, data, cfg.out, reference, par_images, info, cfg.gates, log)
         results.append(res)
         if entry is not None:
-            entry["seconds"] = {"convert": round(t_conv, 2), "parity": round(time.perf_counter() - t - t_conv, 2)}
-            files[fmt.file] = entry
+            seconds = {"convert": round(t_conv, 2), "parity": round(time.perf_counter() - t - t_conv, 2)}
+            files[fmt.file] = dataclasses.replace(entry, seconds=seconds)
         timings[name] = time.perf_counter() - t
 
-    manifest = {
-        "schema": SCHEMA_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "xray_edge_version": __version__,
-        "labels": list(info.labels),
-        "output": ({"kind": "sigmoid", "units": 1,
-                    "meaning": f"probability of {info.labels[1]!r} (index 1); "
-                               f"{info.labels[1]!r} when p >= threshold, else {info.labels[0]!r}"}
-                   if binary else
-                   {"kind": "softmax", "units": len(info.labels), "meaning": "probability per label, in order"}),
-        "threshold": info.threshold,
-        "operating_point": operating_point,
-        "positive_class": record.get("positive_class"),
-        "input": {"shape": [1, *spec.shape], "dtype": spec.dtype, "preprocessing": spec.to_dict()},
-        "default": next((FORMATS[f].file for f in ("int8", "float32", "onnx", "onnx-int8", "float16")
-                         if FORMATS[f].file in files), None),
-        "files": files,
-        "rejected": {r.format: r.to_dict() for r in results if not r.passed},
-        "source_model": {"file": cfg.model.name, "sha256": source_sha},
-        "training": {"synthetic": synthetic, "data": record.get("data"),
-                     "classes": classes, "counts": record.get("counts")},
-        "calibration": {"images": len(cal_images), "source": sets.source, "seed": cfg.seed},
-        "parity_set": {"images": int(len(par_images)), "disjoint_from_calibration": True},
-        "gates": vars(cfg.gates),
-        "versions": _versions(),
-    }
-    atomic_write_json(cfg.out / MANIFEST_NAME, manifest)
+    manifest = Manifest(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        xray_edge_version=__version__,
+        labels=info.labels,
+        output=({"kind": "sigmoid", "units": 1,
+                 "meaning": f"probability of {info.labels[1]!r} (index 1); "
+                            f"{info.labels[1]!r} when p >= threshold, else {info.labels[0]!r}"}
+                if binary else
+                {"kind": "softmax", "units": len(info.labels), "meaning": "probability per label, in order"}),
+        threshold=info.threshold,
+        operating_point=operating_point,
+        positive_class=record.positive_class if record else None,
+        preprocessing=spec,
+        default=next((FORMATS[f].file for f in ("int8", "float32", "onnx", "onnx-int8", "float16")
+                      if FORMATS[f].file in files), None),
+        files=files,
+        rejected={r.format: r.to_dict() for r in results if not r.passed},
+        source_model={"file": cfg.model.name, "sha256": source_sha},
+        training={"synthetic": synthetic, "data": record.data if record else None,
+                  "classes": list(classes), "counts": record.counts if record else None},
+        calibration={"images": len(cal_images), "source": sets.source, "seed": cfg.seed},
+        parity_set={"images": int(len(par_images)), "disjoint_from_calibration": True},
+        gates=vars(cfg.gates),
+        versions=_versions(),
+    )
+    write_manifest(cfg.out, manifest)
     timings["total"] = time.perf_counter() - t0
     return ExportResult(manifest, results, timings)
 
 
 def _prove_and_place(fmt: Format, data: bytes, out: Path, reference: np.ndarray, images: np.ndarray,
-                     info: ModelInfo, gates: parity.Gates, log) -> tuple[parity.ParityResult, dict | None]:
+                     info: ModelInfo, gates: parity.Gates, log) -> tuple[parity.ParityResult, FileEntry | None]:
     """Write `data` under a temporary name, prove it in its runtime, and only then name it.
 
     Returns the parity result and, when it passed, the file's manifest entry.
@@ -209,16 +204,16 @@ def _prove_and_place(fmt: Format, data: bytes, out: Path, reference: np.ndarray,
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    return res, {
-        "format": fmt.name, "description": fmt.description, "size": final.stat().st_size,
-        "sha256": sha256_file(final), "runtime": f"{backend.name} {backend.version}",
-        "input": {"name": backend.input_name, "dtype": str(backend.input_dtype),
-                  "shape": [d if isinstance(d, int) else None for d in backend.input_shape],
-                  "quantization": list(getattr(backend, "input_quant", ()) or []) or None},
-        "output": {"name": backend.output_name,
-                   "quantization": list(getattr(backend, "output_quant", ()) or []) or None},
-        "parity": res.to_dict(),
-    }
+    return res, FileEntry(
+        format=fmt.name, description=fmt.description, size=final.stat().st_size,
+        sha256=sha256_file(final), runtime=f"{backend.name} {backend.version}",
+        input={"name": backend.input_name, "dtype": str(backend.input_dtype),
+               "shape": [d if isinstance(d, int) else None for d in backend.input_shape],
+               "quantization": list(getattr(backend, "input_quant", ()) or []) or None},
+        output={"name": backend.output_name,
+                "quantization": list(getattr(backend, "output_quant", ()) or []) or None},
+        parity=res.to_dict(),
+    )
 
 
 def _convert(fmt: Format, model, cal_images: np.ndarray, embedded: dict) -> bytes:
@@ -236,13 +231,6 @@ def _convert(fmt: Format, model, cal_images: np.ndarray, embedded: dict) -> byte
     else:
         flat = tflite.convert_float32(model)
     return tflite_with_metadata(flat, embedded)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _versions() -> dict:

@@ -272,7 +272,7 @@ def test_softmax_model_classifies_with_three_labels(tmp_path, phantom_data):
     rec["classes"] = classes
     (tmp_path / "art" / "training.json").write_text(json.dumps(rec))
     res = export_folder(path, formats=("float32", "onnx"))
-    assert res.passed and res.manifest["threshold"] is None and res.manifest["output"]["kind"] == "softmax"
+    assert res.passed and res.manifest.threshold is None and res.manifest.output["kind"] == "softmax"
     imgs = list(walk_images(phantom_data / "test"))[:4]
     r = run_cli("classify", "-m", tmp_path / "art", "--file", "xray.onnx", "--json", *imgs)
     assert r.returncode == 0, r.stderr

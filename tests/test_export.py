@@ -30,7 +30,7 @@ def check_against_keras(artifacts: Path, fmt: str, images: np.ndarray) -> float:
     """Independently of the export's own check: load the file, run each image, compare."""
     TESTED_FORMATS.add(fmt)
     f = FORMATS[fmt]
-    manifest = read_manifest(artifacts / "manifest.json")
+    manifest = json.loads((artifacts / "manifest.json").read_text())
     assert f.file in manifest["files"], manifest.get("rejected")
     backend = open_backend(artifacts / f.file, f.runtime)
     got = np.stack([backend.predict(x) for x in images])
@@ -154,7 +154,8 @@ def test_cli_export_exits_nonzero_when_a_gate_fails(tmp_path, phantom_data):
 
 
 def test_manifest_binds_everything(tiny_artifacts):
-    m = read_manifest(tiny_artifacts / "manifest.json")
+    m = json.loads((tiny_artifacts / "manifest.json").read_text())
+    assert read_manifest(tiny_artifacts / "manifest.json").to_dict() == m  # the record reads back whole
     assert m["labels"] == ["COVID19", "NORMAL"] and m["threshold"] == 0.5
     assert m["input"]["preprocessing"]["version"] and m["input"]["shape"] == [1, 200, 200, 3]
     assert m["source_model"]["sha256"] and m["training"]["synthetic"] is True

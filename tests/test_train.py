@@ -161,7 +161,7 @@ def test_short_run_on_phantoms_writes_everything_and_skips_bad_files(tmp_path, p
     assert len(m["sensitivity"]["ci95"]) == 2
     assert not set(rec["files"]["validation"]) & set(rec["files"]["train"])
     assert len(list((tmp_path / "cache").glob("*[0-9a-f].npy"))) == 3  # train, validation, test decoded once
-    from xray_edge.train.trainer import read_model_metadata
+    from xray_edge.metadata import read_keras_metadata as read_model_metadata
 
     assert read_model_metadata(out / "model.keras")["synthetic"] is True
 

@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from concurrent.futures import as_completed
 from dataclasses import dataclass
@@ -94,22 +93,6 @@ def decode_to_store(paths: list[Path], spec: Preprocessing, folder: Path, worker
     store.close()
     os.replace(partial, final)
     return _decoded(_open(final, shape), status, errors)
-
-
-def decode_images(paths: list[Path], spec: Preprocessing, cache_dir: Path | None,
-                  workers: int | None = None, label: str = "decoding",
-                  progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode `paths` into memory with the one preprocessing (for sets that fit in RAM).
-
-    Returns:
-        (images uint8 [n_ok, H, W, C], ok index per image into `paths`, error messages). A bad
-        file is reported and skipped; the others are still decoded.
-    """
-    if not paths:
-        return np.zeros((0, *spec.shape), np.uint8), np.zeros(0, np.int64), []
-    with tempfile.TemporaryDirectory(prefix="xray-edge-decode-") as tmp:
-        d = decode_to_store(paths, spec, cache_dir or Path(tmp), workers, label, progress)
-        return d.store.read(d.ok), d.ok, d.errors
 
 
 def _decode_pending(store: ImageStore, paths, spec, status, errors, state_file, workers: int,

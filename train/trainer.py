@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -28,6 +28,9 @@ import numpy as np
 from xray_edge.classify import predicted_classes
 from xray_edge.errors import XrayEdgeError
 from xray_edge.files import atomic_write_json, sha256_file
+from xray_edge.metadata import KERAS_MEMBER
+from xray_edge.plotting import roc
+from xray_edge.training_record import TrainingRecord
 from xray_edge.preprocess import DEFAULT, Preprocessing
 from xray_edge import metrics
 from xray_edge.train.augment import ZoomFlip
@@ -89,7 +92,7 @@ class TrainResult:
     model_path: Path
     metrics: dict
     history: dict
-    record: dict = field(default_factory=dict)
+    record: TrainingRecord
 
 
 def positive_index(classes: list[str], requested: str | None) -> int:
@@ -137,32 +140,32 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
         x_te, y_te, _ = decoded["test"]
         test_probs = predict(model, x_te.store, x_te.ok, cfg.batch_size, len(devices.names))
         test_metrics = evaluate(test_probs, y_te, ds.classes, pos)
-        record = {
-            "data": str(ds.root.resolve()),
-            "synthetic": ds.synthetic,
-            "classes": ds.classes,
-            "positive_class": ds.classes[pos],
-            "test_source": "test/" if ds.test is not None else
-                           f"held out {cfg.test_fraction:.0%} of train/ (the dataset has no test/)",
-            "counts": {k: dict(zip(ds.classes, np.bincount(v[1], minlength=n_classes).tolist()))
-                       for k, v in decoded.items()},
-            "files": {k: [str(p.resolve()) for p in v[2].paths] for k, v in decoded.items()},
-            "labels": {k: v[1].tolist() for k, v in decoded.items()},  # class index per file above
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                       if k not in ("preprocessing", "data", "out", "cache_dir")},
-            "preprocessing": cfg.preprocessing.to_dict(),
-            "backend": keras.backend.backend(),
-            "keras": keras.__version__,
-            "machine": platform.machine(),
-            "best_epoch": best.best_epoch,
-            "epochs_run": len(history.get("loss", [])),
-            "validation": {"roc_auc": val_auc, "probability_spread": spread, "collapsed": collapsed},
-            "seconds": {"decode": t_decoded - t_start, "train": t_trained - t_decoded},
-        }
-        record["devices"] = list(devices.names)
-        record["precision"] = cfg.precision
-        record["seconds"].update(clock.seconds())
-        metrics_doc = {"split": "test", "source": record["test_source"], "synthetic": ds.synthetic,
+        record = TrainingRecord(
+            data=str(ds.root.resolve()),
+            synthetic=ds.synthetic,
+            classes=ds.classes,
+            positive_class=ds.classes[pos],
+            test_source="test/" if ds.test is not None else
+                        f"held out {cfg.test_fraction:.0%} of train/ (the dataset has no test/)",
+            counts={k: dict(zip(ds.classes, np.bincount(v[1], minlength=n_classes).tolist()))
+                    for k, v in decoded.items()},
+            files={k: [str(p.resolve()) for p in v[2].paths] for k, v in decoded.items()},
+            labels={k: v[1].tolist() for k, v in decoded.items()},  # class index per file above
+            config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                    if k not in ("preprocessing", "data", "out", "cache_dir")},
+            preprocessing=cfg.preprocessing,
+            backend=keras.backend.backend(),
+            keras=keras.__version__,
+            machine=platform.machine(),
+            best_epoch=best.best_epoch,
+            epochs_run=len(history.get("loss", [])),
+            validation={"roc_auc": val_auc, "probability_spread": spread, "collapsed": collapsed},
+            seconds={"decode": t_decoded - t_start, "train": t_trained - t_decoded},
+        )
+        record.devices = list(devices.names)
+        record.precision = cfg.precision
+        record.seconds.update(clock.seconds())
+        metrics_doc = {"split": "test", "source": record.test_source, "synthetic": ds.synthetic,
                        "classes": ds.classes, "positive_class": ds.classes[pos], **test_metrics}
         history = {k: [float(v) for v in vals] for k, vals in history.items()}
         atomic_write_json(cfg.out / "history.json", history)
@@ -174,17 +177,17 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
         bad = cfg.out / "model.collapsed.keras"
         _save_model(model, bad, record)
         (cfg.out / "model.keras").unlink(missing_ok=True)
-        atomic_write_json(cfg.out / "training.json", record)
+        record.write(cfg.out)
         raise TrainingCollapsed(
             f"training collapsed: validation probabilities span {spread:.4f}, ROC AUC "
             f"{val_auc:.3f}; the model predicts nearly the same for every image. Saved as {bad} "
             f"(not model.keras). Try a lower --learning-rate or another --seed.")
     model_path = cfg.out / "model.keras"
     _save_model(model, model_path, record)
-    record["model_sha256"] = sha256_file(model_path)
-    record["seconds"]["total"] = time.perf_counter() - t_start
-    record["seconds"]["after_training"] = record["seconds"]["total"] - (t_trained - t_start)
-    atomic_write_json(cfg.out / "training.json", record)
+    record.model_sha256 = sha256_file(model_path)
+    record.seconds["total"] = time.perf_counter() - t_start
+    record.seconds["after_training"] = record.seconds["total"] - (t_trained - t_start)
+    record.write(cfg.out)
     return TrainResult(model_path, metrics_doc, history, record)
 
 
@@ -309,7 +312,7 @@ def _plots(history: dict, train_split: SplitData, ds: Dataset, y_te, test_probs,
     plots.sample_grid(d.store.rows(d.ok), train_split.labels, train_split.split.paths, ds.classes,
                       out / "samples.png")
     if len(ds.classes) == 2 and len(np.unique(y_te == pos)) == 2:
-        plots.roc(y_te == pos, metrics.positive_score(test_probs, pos), out / "roc.png",
+        roc(y_te == pos, metrics.positive_score(test_probs, pos), out / "roc.png",
                   title=f"ROC on the test split ({ds.classes[pos]} positive)")
 
 
@@ -426,22 +429,14 @@ def evaluate(probs: np.ndarray, y: np.ndarray, classes: list[str], pos: int,
     return out
 
 
-def _save_model(model, path: Path, record: dict) -> None:
+def _save_model(model, path: Path, record: TrainingRecord) -> None:
     """Save the .keras file atomically, with our metadata as an extra zip member."""
     tmp = path.with_name(f".{path.name}.tmp.keras")
     model.save(tmp)
-    meta = {k: record[k] for k in ("synthetic", "classes", "positive_class", "preprocessing", "data")}
-    if record["synthetic"]:
+    d = record.to_dict()
+    meta = {k: d[k] for k in ("synthetic", "classes", "positive_class", "preprocessing", "data")}
+    if record.synthetic:
         meta["WARNING"] = "trained on SYNTHETIC phantom images, not X-rays"
     with zipfile.ZipFile(tmp, "a") as z:
-        z.writestr("xray_edge.json", json.dumps(meta, indent=1))
+        z.writestr(KERAS_MEMBER, json.dumps(meta, indent=1))
     os.replace(tmp, path)
-
-
-def read_model_metadata(path: Path) -> dict:
-    """The metadata `_save_model` stored in a .keras file ({} for a plain Keras file)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return json.loads(z.read("xray_edge.json"))
-    except (KeyError, zipfile.BadZipFile, ValueError, OSError):
-        return {}

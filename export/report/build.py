@@ -5,7 +5,6 @@ One row per format, the Keras model first as the reference. Every number comes f
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -21,7 +20,8 @@ from xray_edge.errors import XrayEdgeError
 from xray_edge.files import sha256_file
 from xray_edge.inputs import walk_images
 from xray_edge.manifest import MANIFEST_NAME, read_manifest
-from xray_edge.preprocess import Preprocessing
+from xray_edge.preprocess import load_images
+from xray_edge.training_record import TRAINING_RECORD_NAME, TrainingRecord
 
 
 @dataclass
@@ -34,15 +34,14 @@ class TestSet:
 def test_set(artifacts: Path, classes: list[str], data: Path | None) -> TestSet:
     """The test split recorded at training, or a folder laid out as DATA/<class>/* (or DATA/test/<class>/*)."""
     if data is None:
-        rec_path = artifacts / "training.json"
-        if not rec_path.exists():
-            raise XrayEdgeError(f"no {rec_path}: pass --data FOLDER with <class>/ subfolders")
-        rec = json.loads(rec_path.read_text())
-        files, labels = rec.get("files", {}).get("test", []), rec.get("labels", {}).get("test", [])
-        pairs = [(Path(f), l) for f, l in zip(files, labels) if Path(f).exists()]
-        if not pairs:
-            raise XrayEdgeError(f"{rec_path}: lists no test images that exist here; pass --data")
-        return TestSet([p for p, _ in pairs], np.asarray([l for _, l in pairs]), f"test split of {rec.get('data')}")
+        rec = TrainingRecord.read(artifacts)
+        if rec is None:
+            raise XrayEdgeError(f"no {artifacts / TRAINING_RECORD_NAME}: pass --data FOLDER with <class>/ subfolders")
+        paths, labels = rec.split("test")
+        if not paths or -1 in labels:
+            raise XrayEdgeError(f"{artifacts / TRAINING_RECORD_NAME}: lists no labelled test images that "
+                                "exist here; pass --data")
+        return TestSet(paths, np.asarray(labels), f"test split of {rec.data}")
     root = data / "test" if (data / "test").is_dir() else data
     paths, labels = [], []
     for i, c in enumerate(classes):
@@ -54,10 +53,23 @@ def test_set(artifacts: Path, classes: list[str], data: Path | None) -> TestSet:
     return TestSet(paths, np.asarray(labels), str(root))
 
 
-def _row(name: str, fmt: str, size: int, load_s: float, probs: np.ndarray, lat_ms: list[float],
-         ref: np.ndarray, y: np.ndarray, pos: int, thresholds: dict[str, float]) -> dict:
+@dataclass
+class Measured:
+    """One format's run over the test images."""
+
+    format: str  # with its runtime, e.g. "int8 (litert 2.3.0)"
+    file: Path
+    load_s: float
+    probs: np.ndarray  # [N, 1] P(labels[1])
+    latency_ms: list[float]
+
+
+def _row(m: Measured, *, ref: np.ndarray, y: np.ndarray, pos: int, thresholds: dict[str, float]) -> dict:
+    """The report's row for one format: size, speed, agreement with Keras, clinical figures."""
+    probs, lat_ms = m.probs, m.latency_ms
     row = {
-        "format": fmt, "file": name, "size_mb": round(size / 1e6, 2), "load_ms": round(load_s * 1e3, 1),
+        "format": m.format, "file": m.file.name, "size_mb": round(m.file.stat().st_size / 1e6, 2),
+        "load_ms": round(m.load_s * 1e3, 1),
         "latency_p50_ms": round(float(np.percentile(lat_ms, 50)), 2) if lat_ms else None,
         "latency_p99_ms": round(float(np.percentile(lat_ms, 99)), 2) if lat_ms else None,
         "max_abs_diff_vs_keras": float(np.abs(probs - ref).max()),
@@ -76,23 +88,22 @@ def _row(name: str, fmt: str, size: int, load_s: float, probs: np.ndarray, lat_m
 def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int = 1) -> dict:
     """Run Keras and every file of the manifest over the test images; return the report dict."""
     manifest = read_manifest(artifacts / MANIFEST_NAME)
-    classes = manifest["labels"]
-    if len(classes) != 2:
+    classes = list(manifest.labels)
+    if len(classes) != 2 or manifest.threshold is None:
         raise XrayEdgeError("the report covers two-class (sigmoid) models")
-    pos = classes.index(manifest.get("positive_class") or classes[0])
-    spec = Preprocessing.from_dict(manifest["input"]["preprocessing"])
+    pos = classes.index(manifest.positive_class or classes[0])
     ts = test_set(artifacts, classes, data)
-
-    from xray_edge.train.cache import decode_images
-
-    images, ok, errors = decode_images(ts.paths, spec, None, label="test images")
+    images, ok, errors = load_images(ts.paths, manifest.preprocessing)
+    if len(images) == 0:
+        raise XrayEdgeError(f"none of the {len(ts.paths)} test images could be decoded")
     y = ts.labels[ok]
-    thresholds = {"at_manifest_threshold": float(manifest["threshold"]), "at_0.5": 0.5}
+    thresholds = {"at_manifest_threshold": manifest.threshold, "at_0.5": 0.5}
 
     import keras
 
+    keras_file = artifacts / manifest.source_model.get("file", "model.keras")
     t = time.perf_counter()
-    model = keras.saving.load_model(artifacts / manifest["source_model"]["file"], compile=False)
+    model = keras.saving.load_model(keras_file, compile=False)
     load_s = time.perf_counter() - t
     lat, ref = [], []
     for img in images:
@@ -100,10 +111,9 @@ def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int 
         ref.append(np.asarray(model(img[None].astype("float32"), training=False))[0])
         lat.append((time.perf_counter() - t) * 1e3)
     ref = np.asarray(ref, dtype=np.float32)
-    keras_file = artifacts / manifest["source_model"]["file"]
-    rows = [_row(keras_file.name, f"keras ({keras.backend.backend()})", keras_file.stat().st_size, load_s,
-                 ref, lat, ref, y, pos, thresholds)]
-    for name, entry in manifest["files"].items():
+    common = {"ref": ref, "y": y, "pos": pos, "thresholds": thresholds}
+    rows = [_row(Measured(f"keras ({keras.backend.backend()})", keras_file, load_s, ref, lat), **common)]
+    for name, entry in manifest.files.items():
         t = time.perf_counter()
         be = open_backend(artifacts / name, threads=os.cpu_count())  # as classify runs it
         load_s = time.perf_counter() - t
@@ -115,20 +125,20 @@ def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int 
                 out = be.predict(img)
                 lat.append((time.perf_counter() - t) * 1e3)
             probs.append(out)
-        rows.append(_row(name, f"{entry['format']} ({be.name} {be.version})", (artifacts / name).stat().st_size,
-                         load_s, np.asarray(probs, dtype=np.float32), lat, ref, y, pos, thresholds))
+        rows.append(_row(Measured(f"{entry.format} ({be.name} {be.version})", artifacts / name, load_s,
+                                  np.asarray(probs, dtype=np.float32), lat), **common))
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform(terse=True)}",
-        "runtimes": manifest.get("versions", {}),
+        "runtimes": manifest.versions,
         "model_sha256": sha256_file(keras_file),
-        "synthetic": manifest.get("training", {}).get("synthetic", False),
-        "trained_on": manifest.get("training", {}).get("data"),
+        "synthetic": manifest.synthetic,
+        "trained_on": manifest.training.get("data"),
         "test_source": ts.source,
         "images_per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
         "skipped": errors,
         "classes": classes,
         "positive_class": classes[pos],
-        "operating_point": manifest.get("operating_point", {"threshold": manifest["threshold"]}),
+        "operating_point": manifest.operating_point or {"threshold": manifest.threshold},
         "labels": y.tolist(),
         "rows": rows,
     }

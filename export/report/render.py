@@ -8,7 +8,7 @@ import numpy as np
 
 from xray_edge import metrics
 from xray_edge.files import atomic_write_bytes, atomic_write_json
-from xray_edge.train.plots import pyplot, save_png
+from xray_edge.plotting import pyplot, roc, save_png
 
 
 def _pct(r: dict) -> str:
@@ -71,8 +71,6 @@ whose decision differs from the Keras model's at the same threshold.
 
 
 def plots(report: dict, out: Path) -> None:
-    from xray_edge.train import plots as train_plots
-
     y = np.asarray(report["labels"])
     pos = report["classes"].index(report["positive_class"])
     yp = y == pos
@@ -80,8 +78,8 @@ def plots(report: dict, out: Path) -> None:
     def score(r):
         return metrics.positive_score(np.asarray(r["probabilities"])[:, None], pos)
 
-    train_plots.roc(None, None, out / "report_roc.png", title=f"ROC, {report['positive_class']} positive",
-                    curves={r["format"]: (yp, score(r)) for r in report["rows"]})
+    roc(None, None, out / "report_roc.png", title=f"ROC, {report['positive_class']} positive",
+        curves={r["format"]: (yp, score(r)) for r in report["rows"]})
     plt = pyplot()
     rows = report["rows"]
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4))

@@ -72,14 +72,15 @@ def main() -> None:
 
     from xray_edge.bench import run_bench, synthetic_jpeg
     from xray_edge.classify import Classifier
+    from xray_edge.manifest import MANIFEST_NAME, read_manifest
     from xray_edge.model import open_model
 
-    manifest = json.loads((args.artifacts / "manifest.json").read_text())
+    manifest = read_manifest(args.artifacts / MANIFEST_NAME)
     tmp = Path(tempfile.mkdtemp())
     jpeg = synthetic_jpeg(tmp / "one.jpg", 1024)
 
     print(f"{'file':<22}{'MB':>7}{'load ms':>9}{'1st ms':>8}{'p50 ms':>8}{'p99 ms':>8}{'img/s':>7}{'RSS MB':>8}")
-    for name in manifest["files"]:
+    for name in manifest.files:
         d = run_bench(str(args.artifacts), name, "auto", args.runs, jpeg, os.cpu_count())
         print(f"{name:<22}{d['size_mb']:>7.1f}{d['load_ms']:>9.0f}{d['first_invoke_ms']:>8.1f}"
               f"{d['latency_p50_ms']:>8.2f}{d['latency_p99_ms']:>8.2f}{d['images_per_s_with_decode']:>7.0f}"

@@ -135,16 +135,15 @@ def install_sites(cache: Path) -> None:
 def make_artifacts(out: Path) -> tuple[Path, list[Path]]:
     """A small real model trained on nothing, exported with the project's own exporter."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import export_folder, save_with_record, tiny_model
-
+    from xray_edge.export.pipeline import ExportConfig, run_export
     from xray_edge.inputs import walk_images
     from xray_edge.train.phantom import generate_phantoms
+    from xray_edge.train.testing import save_with_record, tiny_model
 
     data = generate_phantoms(out / "phantom", n_train=8, n_test=4)
     art = out / "artifacts"
     path = save_with_record(tiny_model(), art, ["COVID19", "NORMAL"], data)
-    res = export_folder(path, formats=("float32", "int8", "onnx"))
+    res = run_export(ExportConfig(model=path, out=art, formats=("float32", "int8", "onnx")), log=lambda s: None)
     if not res.passed:
         raise SystemExit("export of the test model failed its parity gates")
     return art, sorted(walk_images(data / "test"))
