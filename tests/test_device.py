@@ -169,3 +169,19 @@ def test_two_jax_devices_give_the_loss_curve_of_one(tmp_path, phantom_data):
     # 13 images: the last batch of 5 is padded to 6 at weight 0. Gradients are unchanged (the
     # predictions above match), but Keras logs a batch's loss weighted by its padded size.
     assert runs["13/1"]["loss"] == pytest.approx(runs["13/2"]["loss"], rel=5e-2)
+
+
+def test_more_devices_than_there_are_is_one_clear_error():
+    from xray_edge.errors import XrayEdgeError
+    from xray_edge.train.device import training_devices
+
+    assert len(training_devices(1).names) == 1
+    with pytest.raises(XrayEdgeError, match="--devices 64"):
+        training_devices(64)
+
+
+def test_cli_refuses_a_device_count_that_is_not_one(tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("train", "--data", tmp_path, "--devices", "two")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "'all'" in r.stderr

@@ -111,77 +111,26 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
         log: receives one line per message (warnings, the device).
         progress: receives (label, done, total) while images decode.
     """
-    from xray_edge.train.model import build_model
-
     t_start = time.perf_counter()
     ds = discover(cfg.data)
     _announce_dataset(ds, log)
+    pos = positive_index(ds.classes, cfg.positive_class)
     with _store_folder(cfg.cache_dir, log) as folder, backend_settings(cfg):
         decoded = _decode_splits(ds, cfg, folder, log, progress)
         t_decoded = time.perf_counter()
         devices = _choose_devices(cfg, log)
-        n_classes = len(ds.classes)
-        keras.utils.set_random_seed(cfg.seed)
-        model = build_model(n_classes, cfg.preprocessing)
-        history, best, clock = fit_model(model, decoded, cfg, len(devices.names))
-        best.restore()
-        model = _as_float32(model, n_classes, cfg)
+        model, history, best, clock = _train_model(decoded, len(ds.classes), cfg, len(devices.names))
         t_trained = time.perf_counter()
-
-        pos = positive_index(ds.classes, cfg.positive_class)
-        x_val, y_val, _ = decoded["validation"]
-        val_probs = predict(model, x_val.store, x_val.ok, cfg.batch_size, len(devices.names))
-        val_score = metrics.positive_score(val_probs, pos)
-        spread = float(val_score.max() - val_score.min()) if len(val_score) else 0.0
-        val_auc = metrics.roc_auc(y_val == pos, val_score)
-        collapsed = spread < COLLAPSE_MIN_SPREAD or (np.isfinite(val_auc) and abs(val_auc - 0.5) < COLLAPSE_AUC_BAND)
-
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        x_te, y_te, _ = decoded["test"]
-        test_probs = predict(model, x_te.store, x_te.ok, cfg.batch_size, len(devices.names))
-        test_metrics = evaluate(test_probs, y_te, ds.classes, pos)
-        record = TrainingRecord(
-            data=str(ds.root.resolve()),
-            synthetic=ds.synthetic,
-            classes=ds.classes,
-            positive_class=ds.classes[pos],
-            test_source="test/" if ds.test is not None else
-                        f"held out {cfg.test_fraction:.0%} of train/ (the dataset has no test/)",
-            counts={k: dict(zip(ds.classes, np.bincount(v[1], minlength=n_classes).tolist()))
-                    for k, v in decoded.items()},
-            files={k: [str(p.resolve()) for p in v[2].paths] for k, v in decoded.items()},
-            labels={k: v[1].tolist() for k, v in decoded.items()},  # class index per file above
-            config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                    if k not in ("preprocessing", "data", "out", "cache_dir")},
-            preprocessing=cfg.preprocessing,
-            backend=keras.backend.backend(),
-            keras=keras.__version__,
-            machine=platform.machine(),
-            best_epoch=best.best_epoch,
-            epochs_run=len(history.get("loss", [])),
-            validation={"roc_auc": val_auc, "probability_spread": spread, "collapsed": collapsed},
-            seconds={"decode": t_decoded - t_start, "train": t_trained - t_decoded},
-        )
+        val = _check_validation(model, decoded["validation"], pos, cfg.batch_size, len(devices.names))
+        te = decoded["test"]
+        test_probs = predict(model, te.images.store, te.images.ok, cfg.batch_size, len(devices.names))
+        record = _record(ds, cfg, decoded, pos, history, best, val)
         record.devices = list(devices.names)
         record.precision = cfg.precision
-        record.seconds.update(clock.seconds())
-        metrics_doc = {"split": "test", "source": record.test_source, "synthetic": ds.synthetic,
-                       "classes": ds.classes, "positive_class": ds.classes[pos], **test_metrics}
-        history = {k: [float(v) for v in vals] for k, vals in history.items()}
-        atomic_write_json(cfg.out / "history.json", history)
-        atomic_write_json(cfg.out / "metrics.json", metrics_doc)
-        if cfg.plots:
-            _plots(history, decoded["train"], ds, y_te, test_probs, pos, cfg.out)
-
-    if collapsed:
-        bad = cfg.out / "model.collapsed.keras"
-        _save_model(model, bad, record)
-        (cfg.out / "model.keras").unlink(missing_ok=True)
-        record.write(cfg.out)
-        raise TrainingCollapsed(
-            f"training collapsed: validation probabilities span {spread:.4f}, ROC AUC "
-            f"{val_auc:.3f}; the model predicts nearly the same for every image. Saved as {bad} "
-            f"(not model.keras). Try a lower --learning-rate or another --seed.")
+        record.seconds = {"decode": t_decoded - t_start, "train": t_trained - t_decoded, **clock.seconds()}
+        metrics_doc, history = _write_evidence(cfg, ds, decoded, record, history, test_probs, pos)
+    if val.collapsed:
+        _save_collapsed(model, record, cfg.out, val)
     model_path = cfg.out / "model.keras"
     _save_model(model, model_path, record)
     record.model_sha256 = sha256_file(model_path)
@@ -189,6 +138,86 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
     record.seconds["after_training"] = record.seconds["total"] - (t_trained - t_start)
     record.write(cfg.out)
     return TrainResult(model_path, metrics_doc, history, record)
+
+
+class ValidationCheck(NamedTuple):
+    roc_auc: float
+    spread: float  # max - min of the positive-class probabilities
+    collapsed: bool
+
+
+def _train_model(decoded: dict[str, SplitData], n_classes: int, cfg: TrainConfig, n_devices: int):
+    """Build, fit and return (float32 model with the best epoch's weights, history, best, clock)."""
+    from xray_edge.train.model import build_model
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(n_classes, cfg.preprocessing)
+    history, best, clock = fit_model(model, decoded, cfg, n_devices)
+    best.restore()
+    return _as_float32(model, n_classes, cfg), history, best, clock
+
+
+def _check_validation(model, val: SplitData, pos: int, batch_size: int, n_devices: int) -> ValidationCheck:
+    """Is the model collapsed? Its validation outputs barely move or rank no better than chance."""
+    probs = predict(model, val.images.store, val.images.ok, batch_size, n_devices)
+    score = metrics.positive_score(probs, pos)
+    spread = float(score.max() - score.min()) if len(score) else 0.0
+    auc = metrics.roc_auc(val.labels == pos, score)
+    collapsed = spread < COLLAPSE_MIN_SPREAD or (np.isfinite(auc) and abs(auc - 0.5) < COLLAPSE_AUC_BAND)
+    return ValidationCheck(auc, spread, bool(collapsed))
+
+
+def _record(ds: Dataset, cfg: TrainConfig, decoded: dict[str, SplitData], pos: int, history: dict,
+            best: "BestWeights", val: ValidationCheck) -> TrainingRecord:
+    n_classes = len(ds.classes)
+    return TrainingRecord(
+        data=str(ds.root.resolve()),
+        synthetic=ds.synthetic,
+        classes=ds.classes,
+        positive_class=ds.classes[pos],
+        test_source="test/" if ds.test is not None else
+                    f"held out {cfg.test_fraction:.0%} of train/ (the dataset has no test/)",
+        counts={k: dict(zip(ds.classes, np.bincount(v.labels, minlength=n_classes).tolist()))
+                for k, v in decoded.items()},
+        files={k: [str(p.resolve()) for p in v.split.paths] for k, v in decoded.items()},
+        labels={k: v.labels.tolist() for k, v in decoded.items()},  # class index per file above
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                if k not in ("preprocessing", "data", "out", "cache_dir")},
+        preprocessing=cfg.preprocessing,
+        backend=keras.backend.backend(),
+        keras=keras.__version__,
+        machine=platform.machine(),
+        best_epoch=best.best_epoch,
+        epochs_run=len(history.get("loss", [])),
+        validation={"roc_auc": val.roc_auc, "probability_spread": val.spread, "collapsed": val.collapsed},
+    )
+
+
+def _write_evidence(cfg: TrainConfig, ds: Dataset, decoded: dict[str, SplitData], record: TrainingRecord,
+                    history: dict, test_probs: np.ndarray, pos: int) -> tuple[dict, dict]:
+    """history.json, metrics.json (test split) and the plots; returns (metrics, history) as written."""
+    y_te = decoded["test"].labels
+    metrics_doc = {"split": "test", "source": record.test_source, "synthetic": ds.synthetic,
+                   "classes": ds.classes, "positive_class": ds.classes[pos],
+                   **evaluate(test_probs, y_te, ds.classes, pos)}
+    history = {k: [float(v) for v in vals] for k, vals in history.items()}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.out / "history.json", history)
+    atomic_write_json(cfg.out / "metrics.json", metrics_doc)
+    if cfg.plots:
+        _plots(history, decoded["train"], ds, y_te, test_probs, pos, cfg.out)
+    return metrics_doc, history
+
+
+def _save_collapsed(model, record: TrainingRecord, out: Path, val: ValidationCheck) -> None:
+    bad = out / "model.collapsed.keras"
+    _save_model(model, bad, record)
+    (out / "model.keras").unlink(missing_ok=True)
+    record.write(out)
+    raise TrainingCollapsed(
+        f"training collapsed: validation probabilities span {val.spread:.4f}, ROC AUC "
+        f"{val.roc_auc:.3f}; the model predicts nearly the same for every image. Saved as {bad} "
+        f"(not model.keras). Try a lower --learning-rate or another --seed.")
 
 
 def _announce_dataset(ds: Dataset, log: Log) -> None:
