@@ -29,6 +29,8 @@ class Batches(keras.utils.PyDataset):
 
     def __init__(self, store: ImageStore, rows, labels=None, batch_size: int = 32,
                  seed: int | None = None, devices: int = 1):
+        # no worker threads: Keras starts them before calling on_epoch_begin, so a batch could be
+        # read with the last epoch's order; reading a batch is one pread per run of rows
         super().__init__()
         if batch_size % devices:
             raise ValueError(f"batch size {batch_size} is not a multiple of {devices} devices")
