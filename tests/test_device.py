@@ -113,8 +113,7 @@ TWO_DEVICES = textwrap.dedent("""
     from pathlib import Path
     import keras
     import numpy as np
-    from conftest import tiny_model
-    from xray_edge.preprocess import DEFAULT
+    from xray_edge.preprocess import Preprocessing
     from xray_edge.train.batches import predict
     from xray_edge.train.cache import Decoded, decode_to_store
     from xray_edge.train.dataset import discover
@@ -122,8 +121,9 @@ TWO_DEVICES = textwrap.dedent("""
     from xray_edge.train.trainer import SplitData, TrainConfig, fit_model
 
     data, cache = Path(sys.argv[1]), Path(sys.argv[2])
+    spec = Preprocessing(size=48)  # small images: the test is about devices, not pixels
     split = discover(data).train
-    d = decode_to_store(split.paths, DEFAULT, cache)
+    d = decode_to_store(split.paths, spec, cache)
     order = np.random.default_rng(0).permutation(len(d.ok))
 
     def part(rows):
@@ -134,9 +134,13 @@ TWO_DEVICES = textwrap.dedent("""
         decoded = {"train": part(order[:n_train]), "validation": part(order[16:23])}
         for n in (1, 2):
             devices = training_devices(n)
-            cfg = TrainConfig(data=data, epochs=2, batch_size=8, learning_rate=1e-3, seed=3, verbose=0)
+            cfg = TrainConfig(data=data, epochs=2, batch_size=8, learning_rate=1e-3, seed=3, verbose=0,
+                              preprocessing=spec)
             keras.utils.set_random_seed(cfg.seed)
-            model = tiny_model()
+            model = keras.Sequential([keras.Input(spec.shape), keras.layers.Rescaling(1 / 255),
+                                      keras.layers.Conv2D(4, 5, activation="relu"), keras.layers.MaxPooling2D(4),
+                                      keras.layers.Dropout(0.2), keras.layers.Flatten(),
+                                      keras.layers.Dense(1, activation="sigmoid")])
             t = time.perf_counter()
             history, best, _ = fit_model(model, decoded, cfg, len(devices.names))
             val = decoded["validation"].images
