@@ -112,30 +112,13 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
         log(f"calibration: {len(cal_images)} images; parity: {len(par_images)} held-out images ({sets.source})")
 
-    with Staging(cfg.out, before=cfg.on_step) as stage:
-        seconds: dict[str, dict] = {}
-        converting = ModelSource(model)
-        for fmt in formats:
-            with steps(f"convert {fmt.name}") as t:
-                data = fmt.convert(converting, cal_images, _embedded(src, fmt))
-                if cfg.tamper:
-                    data = cfg.tamper(fmt.name, data)
-                stage.write(fmt.file, data)
-                del data
-            seconds[fmt.name] = {"convert": t.seconds}
-        converting.release()
-
-        results, files = [], {}
-        for fmt in formats:
-            with steps(f"prove {fmt.name}") as t:
-                res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
-                                            par_images, src.info, fmt.gates, cfg.gates)
-                log(res.line())
-            results.append(res)
-            if res.passed:
-                entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
-                files[fmt.file] = replace(entry, seconds={**seconds[fmt.name], "prove": t.seconds})
-
+    with steps("open staging folder"):
+        stage = Staging(cfg.out, before=cfg.on_step)
+    with stage:
+        convert_seconds = _convert_all(formats, ModelSource(model), cal_images, src, stage, steps, cfg.tamper)
+        results, files = _prove_all(formats, stage, reference, par_images, src.info, cfg.gates, steps, log)
+        files = {name: replace(e, seconds={"convert": convert_seconds[e.format], **e.seconds})
+                 for name, e in files.items()}
         manifest = _manifest(cfg, src, files, results, len(cal_images), len(par_images), sets.source)
         if all(r.passed for r in results):
             with steps("publish"):
@@ -145,6 +128,37 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             log(f"refused: {failed}; nothing was written to {cfg.out}")
     steps.timings["total"] = time.perf_counter() - steps.start
     return ExportResult(manifest, results, steps.timings)
+
+
+def _convert_all(formats: list[Format], source: ModelSource, cal_images: np.ndarray, src: "_Source",
+                 stage: Staging, steps: "_Steps", tamper) -> dict[str, float]:
+    """Convert each format into the staging folder; returns seconds per format."""
+    seconds = {}
+    for fmt in formats:
+        with steps(f"convert {fmt.name}") as t:
+            data = fmt.convert(source, cal_images, _embedded(src, fmt))
+            stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
+            del data  # one file in memory at a time
+        seconds[fmt.name] = t.seconds
+    source.release()
+    return seconds
+
+
+def _prove_all(formats: list[Format], stage: Staging, reference: np.ndarray, images: np.ndarray,
+               info: ModelInfo, gates: parity.Gates, steps: "_Steps", log
+               ) -> tuple[list[parity.ParityResult], dict[str, FileEntry]]:
+    """Prove each staged file; returns every result and the manifest entries of those that passed."""
+    results, files = [], {}
+    for fmt in formats:
+        with steps(f"prove {fmt.name}") as t:
+            res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
+                                        images, info, fmt.gates, gates)
+            log(res.line())
+        results.append(res)
+        if res.passed:
+            entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
+            files[fmt.file] = replace(entry, seconds={"prove": t.seconds})
+    return results, files
 
 
 class _Steps:
