@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, required=True, help="folder with model.keras and training.json")
     ap.add_argument("--calibration", type=int, default=100)
     ap.add_argument("--parity", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=None, help="images per calibration step "
+                    "(default: export's CALIBRATION_BATCH)")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
@@ -47,10 +49,11 @@ def main() -> None:
     par = load_images(sets.parity, record.preprocessing)[0]
     model = keras.saving.load_model(args.artifacts / "model.keras", compile=False)
 
+    batch = args.batch or tflite.CALIBRATION_BATCH
     flat = timed("float32 conversion", lambda: tflite.convert_float32(model))
     calibrator = Calibrator(add_intermediate_tensors(flat))
-    calibrated = timed(f"calibration ({len(cal)} images, {tflite.CALIBRATION_BATCH} per step)",
-                       lambda: calibrator.calibrate(lambda: tflite._batches(cal, tflite.CALIBRATION_BATCH)))
+    calibrated = timed(f"calibration ({len(cal)} images, {batch} per step)",
+                       lambda: calibrator.calibrate(lambda: tflite._batches(cal, batch)))
     ours = timed("MLIR quantization", lambda: bytes(mlir_quantize(
         calibrated, disable_per_channel=False, input_data_type=tf.uint8, output_data_type=tf.uint8)))
     ref = timed("converter's public int8 route", lambda: tflite.convert_int8_with_converter(model, cal))
