@@ -178,7 +178,9 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     try:
         result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
     except ExportFailed as exc:
-        click.echo(f"error: export failed at {exc}; {cfg.out} was left as it was", err=True)
+        state = ("its model files may not match its manifest (the runner refuses those): export again"
+                 if exc.partial else "was left as it was")
+        click.echo(f"error: export failed at {exc}; {cfg.out} {state}", err=True)
         sys.exit(EXIT_SOME_FAILED)
     except XrayEdgeError as exc:
         raise _fail(exc) from None

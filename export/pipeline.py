@@ -58,7 +58,15 @@ class ExportConfig:
 
 
 class ExportFailed(XrayEdgeError):
-    """A step of the export failed; nothing was published. The message names the step."""
+    """A step of the export failed. The message names the step.
+
+    `partial` is True only when publishing itself failed between two renames: then the folder
+    may hold new model files beside the old manifest, which the runner refuses (export again).
+    Otherwise nothing was published."""
+
+    def __init__(self, message: str, partial: bool = False):
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass
@@ -121,8 +129,11 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
                  for name, e in files.items()}
         manifest = _manifest(cfg, src, files, results, len(cal_images), len(par_images), sets.source)
         if all(r.passed for r in results):
-            with steps("publish"):
-                stage.publish(manifest, owned=[f.file for f in FORMATS.values()])
+            try:
+                with steps("publish"):
+                    stage.publish(manifest, owned=[f.file for f in FORMATS.values()])
+            except ExportFailed as exc:
+                raise ExportFailed(str(exc), partial=bool(stage.changed)) from exc.__cause__
         else:
             failed = ", ".join(f"{r.format} ({'; '.join(r.failed_gates)})" for r in results if not r.passed)
             log(f"refused: {failed}; nothing was written to {cfg.out}")

@@ -52,6 +52,7 @@ class Staging:
         remove_abandoned(self.out)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=self.out))
         self._before = before or (lambda step: None)
+        self.changed: list[str] = []  # names already replaced or removed in `out` by publish()
 
     def __enter__(self) -> "Staging":
         return self
@@ -81,10 +82,12 @@ class Staging:
         for name in manifest.files:
             self._before(f"place {name}")
             os.replace(self.dir / name, self.out / name)
+            self.changed.append(name)
         for name in sorted(set(owned) - set(manifest.files)):
             if (self.out / name).exists():
                 self._before(f"remove {name}")
                 (self.out / name).unlink()
+                self.changed.append(name)
         _fsync_dir(self.out)  # the model files are on disk before the manifest that names them
         self._before(f"place {MANIFEST_NAME}")
         os.replace(self.dir / MANIFEST_NAME, self.out / MANIFEST_NAME)

@@ -78,10 +78,29 @@ def test_every_step_of_the_export_can_fail_without_changing_the_folder(two_model
 
         from xray_edge.export.pipeline import ExportFailed
 
-        with pytest.raises(ExportFailed, match=f"^{step}: {step}$"):
+        with pytest.raises(ExportFailed, match=f"^{step}: {step}$") as failed:
             _export(new_model, out, ("float32", "onnx"), on_step=interrupt)
+        assert not failed.value.partial
         assert _snapshot(out) == before, step  # no staging folder left either
         assert assert_one_consistent_set(out) == {"xray_float32.tflite", "xray_int8.tflite", "xray.onnx"}
+
+
+def test_a_failure_between_renames_is_reported_as_partial(two_models, tmp_path):
+    from xray_edge.export.pipeline import ExportFailed
+
+    old_folder, new_model, _, _ = two_models
+    out = tmp_path / "out"
+    shutil.copytree(old_folder, out)
+
+    def interrupt(name):
+        if name == "place xray.onnx":
+            raise Interrupted(name)
+
+    with pytest.raises(ExportFailed, match="^publish: place xray.onnx$") as failed:
+        _export(new_model, out, ("float32", "onnx"), on_step=interrupt)
+    assert failed.value.partial
+    # the one file already placed is refused; the old set's other files still serve
+    assert assert_one_consistent_set(out) == {"xray_int8.tflite", "xray.onnx"}
 
 
 KILL = """
