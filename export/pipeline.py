@@ -15,7 +15,7 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import platform
-import resource
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -206,7 +206,12 @@ class _Timer:
 
 
 def _peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, else KiB
 
 
 def _formats(cfg: ExportConfig) -> list[Format]:
