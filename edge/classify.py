@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from xray_edge.errors import ImageError
+from xray_edge.errors import ImageError, first_line
 from xray_edge.metadata import ModelInfo
 from xray_edge.preprocess import load_image
 
@@ -51,13 +51,18 @@ def decide(probs: np.ndarray, info: ModelInfo, threshold: float | None) -> tuple
     return label, {lab: float(v) for lab, v in zip(labels, probs)}
 
 
+def resolve_threshold(info: ModelInfo, override: float | None = None) -> float | None:
+    """The operating point in use: the one asked for, else the model's. The one place it is decided."""
+    return info.threshold if override is None else override
+
+
 class Classifier:
     """A loaded backend plus the meaning of its outputs."""
 
     def __init__(self, backend, info: ModelInfo, threshold: float | None = None):
         self.backend = backend
         self.info = info
-        self.threshold = info.threshold if threshold is None else threshold
+        self.threshold = resolve_threshold(info, threshold)
 
     def classify_array(self, image: np.ndarray) -> tuple[str, dict[str, float]]:
         return decide(self.backend.predict(image), self.info, self.threshold)
@@ -74,7 +79,13 @@ class Classifier:
 
         def decode(p: Path):
             t0 = time.perf_counter()
-            return load_image(p, spec), (time.perf_counter() - t0) * 1e3
+            try:
+                image = load_image(p, spec)
+            except ImageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - last guard: one file never ends the batch
+                raise ImageError(p, f"cannot decode: {type(exc).__name__}: {first_line(exc)}") from None
+            return image, (time.perf_counter() - t0) * 1e3
 
         pending: deque[tuple[Path | ImageError, Future | None]] = deque()
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -101,6 +112,10 @@ class Classifier:
                     yield err
                     continue
                 t0 = time.perf_counter()
-                label, scores = self.classify_array(image)
+                try:
+                    label, scores = self.classify_array(image)
+                except Exception as exc:  # noqa: BLE001 - the model was checked at load: this image's fault
+                    yield ImageError(item, f"inference failed: {first_line(exc)}")
+                    continue
                 yield Prediction(str(item), label, scores, decode_ms,
                                  (time.perf_counter() - t0) * 1e3)
