@@ -25,14 +25,15 @@ _DEFLATE_SLACK = 16 << 20
 _BAND_PIXELS = 1 << 20
 
 
-def read_dicom(path: Path, check_size=None, budget=None) -> np.ndarray:
+def read_dicom(path: Path, check_size=None, budget=None, finish=None):
     """Return the first frame as uint8, (H, W) for grey images or (H, W, 3) for colour.
 
     Args:
         path: a DICOM file.
         check_size: called as ``check_size(path, width, height)`` before pixel data is decoded;
             raises ImageError for sizes out of limits (see `xray_edge.preprocess.check_size`).
-        budget: a `PixelBudget` held while the pixels are decoded.
+        budget: a `PixelBudget` held while the pixels are decoded (and finished).
+        finish: applied to the uint8 frame inside the budget (e.g. resizing); its result is returned.
     """
     try:
         import pydicom
@@ -51,25 +52,35 @@ def read_dicom(path: Path, check_size=None, budget=None) -> np.ndarray:
     if check_size is not None:
         check_size(path, cols, rows)
     with budget.hold(rows * cols) if budget is not None else nullcontext():
-        try:
-            arr = pixel_array(ds, index=0)  # the first frame only
-        except Exception as exc:  # noqa: BLE001 - missing decoder plugin, bad length, ...
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            name = getattr(syntax, "name", str(syntax))
-            if syntax is not None and getattr(syntax, "is_compressed", False):
-                raise ImageError(path, f"compressed DICOM ({name}) needs a decoder: "
-                                       "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
-            raise ImageError(path, f"cannot decode DICOM pixels: {first_line(exc)}") from None
-        if arr.ndim == 3 and arr.shape[-1] == 3:
-            return arr if arr.dtype == np.uint8 else _stretch_rows(arr, lambda a: a.astype(np.float64))
-        if arr.ndim != 2:
-            raise ImageError(path, f"unsupported DICOM pixel array of shape {arr.shape}")
-        try:
-            return _grey(path, arr, ds, apply_modality_lut, apply_voi_lut)
-        except ImageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a LUT that does not fit the pixels, ...
-            raise ImageError(path, f"cannot apply the DICOM grey-level tables: {first_line(exc)}") from None
+        grey = _frame(path, ds, pixel_array, apply_modality_lut, apply_voi_lut)
+        if finish is None:
+            return grey
+        small = finish(grey)
+        del grey, ds  # free the full-size pixels before the next large decode may start
+        return small
+
+
+def _frame(path: Path, ds, pixel_array, apply_modality_lut, apply_voi_lut) -> np.ndarray:
+    """The first frame as 8-bit grey levels or RGB."""
+    try:
+        arr = pixel_array(ds, index=0)  # the first frame only
+    except Exception as exc:  # noqa: BLE001 - missing decoder plugin, bad length, ...
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        if syntax is not None and getattr(syntax, "is_compressed", False):
+            raise ImageError(path, f"compressed DICOM ({name}) needs a decoder: "
+                                   "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
+        raise ImageError(path, f"cannot decode DICOM pixels: {first_line(exc)}") from None
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        return arr if arr.dtype == np.uint8 else _stretch_rows(arr, lambda a: a.astype(np.float64))
+    if arr.ndim != 2:
+        raise ImageError(path, f"unsupported DICOM pixel array of shape {arr.shape}")
+    try:
+        return _grey(path, arr, ds, apply_modality_lut, apply_voi_lut)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a LUT that does not fit the pixels, ...
+        raise ImageError(path, f"cannot apply the DICOM grey-level tables: {first_line(exc)}") from None
 
 
 def _grey(path: Path, arr: np.ndarray, ds, apply_modality_lut, apply_voi_lut) -> np.ndarray:

@@ -127,9 +127,33 @@ class PixelBudget:
         try:
             yield
         finally:
+            if need >= _TRIM_PIXELS:
+                _release_freed_memory()
             with self._cond:
                 self._free += need
                 self._cond.notify_all()
+
+
+# glibc keeps what a thread freed in that thread's arena, so each decode thread would keep the
+# memory of its largest image; after a large decode, hand freed memory back to the system.
+_TRIM_PIXELS = 4_000_000
+
+
+def _release_freed_memory() -> None:
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere there is nothing to do
+    except (OSError, AttributeError, ImportError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 DECODE_BUDGET = PixelBudget(MAX_PIXELS)
@@ -158,16 +182,23 @@ def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.nda
     if suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_preamble(p)):
         from xray_edge.dicom import read_dicom  # optional extra, imported only when needed
 
-        img = Image.fromarray(read_dicom(p, check_size, DECODE_BUDGET))
+        def finish(grey: np.ndarray) -> Image.Image:
+            return _shrink(p, Image.fromarray(grey), spec)
+
+        img = read_dicom(p, check_size, DECODE_BUDGET, finish)
     else:
-        img = _read_pillow(p, spec.size)
-    if img.mode not in ("L", "RGB"):
-        raise ImageError(p, f"unsupported pixel mode {img.mode}")  # pragma: no cover - defensive
-    img = img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
+        img = _read_pillow(p, spec)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:  # grayscale: the tutorial's model takes RGB, so copy to three channels
         arr = np.repeat(arr[:, :, None], spec.channels, axis=2)
     return np.ascontiguousarray(arr)
+
+
+def _shrink(p: Path, img: Image.Image, spec: Preprocessing) -> Image.Image:
+    """8-bit L/RGB at full size -> the model's size; run inside the decode budget."""
+    if img.mode not in ("L", "RGB"):
+        raise ImageError(p, f"unsupported pixel mode {img.mode}")  # pragma: no cover - defensive
+    return img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
 
 
 def _check_file(p: Path) -> None:
@@ -221,7 +252,7 @@ def _format_name(p: Path) -> str | None:
     return None
 
 
-def _read_pillow(p: Path, size: int) -> Image.Image:
+def _read_pillow(p: Path, spec: Preprocessing) -> Image.Image:
     """Open with Pillow and reduce to 8-bit L or RGB; every decoder failure becomes ImageError."""
     try:
         with warnings.catch_warnings():
@@ -231,12 +262,16 @@ def _read_pillow(p: Path, size: int) -> Image.Image:
                 if im.format == "JPEG":
                     # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, still >= size: 2-3x faster
                     # and a fraction of the memory.
-                    im.draft(im.mode, (size, size))
+                    im.draft(im.mode, (spec.size, spec.size))
                 with DECODE_BUDGET.hold(im.size[0] * im.size[1]):
                     im.load()
                     turn = _ORIENTATION.get(im.getexif().get(0x0112))
                     out = _to_8bit(im)  # pixel-wise, so it commutes with the turn below
-                    return out.transpose(turn) if turn is not None else out
+                    small = _shrink(p, out.transpose(turn) if turn is not None else out, spec)
+                    # free the full-size pixels before the next large decode may start
+                    del out
+                    im.close()
+                    return small
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
