@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
     """Resolve, verify and load a model: the one entry point of classify, info and bench.
 
     The file is read once; its sha256 is checked against the manifest and the runtime loads
-    those same bytes, so nothing can change the file in between. Then every fact the runner
+    those same bytes, so nothing can change the file in between (the hash is computed while the
+    runtime parses, and checked before anything runs). Then every fact the runner
     relies on is checked before any image is read: the input shape and type fit the
     preprocessing, the outputs fit the labels, the labels embedded in the file agree with the
     manifest's, and one inference on a blank image runs.
@@ -55,10 +57,19 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
     resolved = resolve_model(model, file_name)
     choose_backend(resolved.path, backend)  # an unknown file type or backend fails before reading
     data = read_model_bytes(resolved.path)
-    sha = hashlib.sha256(data).hexdigest()
+    # Hash on a second thread while the runtime parses the same bytes (both release the GIL);
+    # nothing runs on the model before the digest has matched.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        try:
+            be = open_backend(resolved.path, backend, threads, content=data)
+        except ModelError:
+            if resolved.entry is not None:  # a mismatch is the better diagnosis of a bad file
+                check_digest(resolved.entry, resolved.path, digest.result())
+            raise
+        sha = digest.result()
     if resolved.entry is not None:
         check_digest(resolved.entry, resolved.path, sha)
-    be = open_backend(resolved.path, backend, threads, content=data)
     info = model_info(resolved, be, data)
     check_fit(resolved.path, be, info)
     t = time.perf_counter()
