@@ -26,7 +26,7 @@ FILE_KINDS = {".tflite": ("litert", "tflite"), ".onnx": ("onnxruntime",)}
 
 
 def runtime_version(backend: str) -> str | None:
-    import importlib.metadata  # 12 ms of imports: only when a version is asked for
+    import importlib.metadata  # slow to import (docs/edge.md): only when a version is asked for
 
     try:
         return importlib.metadata.version(DIST[backend])

@@ -260,8 +260,8 @@ def _read_pillow(p: Path, spec: Preprocessing) -> Image.Image:
             with Image.open(p, formats=ALLOWED_FORMATS) as im:
                 check_size(p, *im.size)
                 if im.format == "JPEG":
-                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, still >= size: 2-3x faster
-                    # and a fraction of the memory.
+                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, still >= size: faster, and a
+                    # fraction of the memory (docs/edge.md).
                     im.draft(im.mode, (spec.size, spec.size))
                 with DECODE_BUDGET.hold(im.size[0] * im.size[1]):
                     im.load()

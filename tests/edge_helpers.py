@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,11 +13,16 @@ from pathlib import Path
 import pytest
 
 
-def shared_tmp() -> Path:
+@pytest.fixture
+def shared_tmp():
     """A fresh folder the unprivileged user can reach (pytest's tmp_path is private to root)."""
     folder = Path(tempfile.mkdtemp(prefix="xray-edge-nobody-"))
     folder.chmod(0o755)
-    return folder
+    yield folder
+    for sub in folder.rglob("*"):
+        if sub.is_dir():
+            sub.chmod(0o755)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_as_nobody(args: list[str], **kw) -> subprocess.CompletedProcess:

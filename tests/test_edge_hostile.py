@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from edge_helpers import onnx_model, run_as_nobody, shared_tmp
+from edge_helpers import onnx_model, run_as_nobody, shared_tmp  # noqa: F401 - shared_tmp is a fixture
 from xray_edge.inputs import walk_images
 
 
@@ -58,8 +58,8 @@ def _artifacts(tiny_artifacts: Path, dst: Path, **changes) -> Path:
 
 
 # ---------------------------------------------------------------- D1: one bad input, the rest go on
-def test_unreachable_paths_are_error_lines_and_the_batch_goes_on(tiny_artifacts, good):
-    root = shared_tmp()
+def test_unreachable_paths_are_error_lines_and_the_batch_goes_on(tiny_artifacts, good, shared_tmp):
+    root = shared_tmp
     art = _artifacts(tiny_artifacts, root / "art")
     for f in art.iterdir():
         f.chmod(0o644)
@@ -83,8 +83,8 @@ def test_unreachable_paths_are_error_lines_and_the_batch_goes_on(tiny_artifacts,
     assert "inside.png" in errors[0] and "n" * 300 in errors[1] and "closed" in errors[2]
 
 
-def test_unreadable_model_file_is_one_line_exit_2(tiny_artifacts, good):
-    root = shared_tmp()
+def test_unreadable_model_file_is_one_line_exit_2(tiny_artifacts, good, shared_tmp):
+    root = shared_tmp
     art = _artifacts(tiny_artifacts, root / "art")
     img = shutil.copy(good[0], root / "a.png")
     (art / "manifest.json").chmod(0o644)
