@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -91,6 +90,8 @@ def quiet_stderr():
     LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" from C++ and has no Python
     switch for it. A failed load still raises, with its message; only the print is dropped.
     """
+    import tempfile
+
     try:
         sys.stderr.flush()
         saved = os.dup(2)

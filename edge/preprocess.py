@@ -140,7 +140,10 @@ _TRIM_PIXELS = 4_000_000
 
 
 def _release_freed_memory() -> None:
-    if _malloc_trim is not None:
+    global _malloc_trim
+    if _malloc_trim is None:  # looked up on the first large decode: ctypes stays off the start-up path
+        _malloc_trim = _find_malloc_trim()
+    if _malloc_trim:
         _malloc_trim(0)
 
 
@@ -150,10 +153,10 @@ def _find_malloc_trim():
 
         return ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere there is nothing to do
     except (OSError, AttributeError, ImportError):
-        return None
+        return False
 
 
-_malloc_trim = _find_malloc_trim()
+_malloc_trim = None
 
 
 DECODE_BUDGET = PixelBudget(MAX_PIXELS)
