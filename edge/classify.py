@@ -65,7 +65,11 @@ class Classifier:
         self.threshold = resolve_threshold(info, threshold)
 
     def classify_array(self, image: np.ndarray) -> tuple[str, dict[str, float]]:
-        return decide(self.backend.predict(image), self.info, self.threshold)
+        """(label, scores); ValueError when the model's output is not finite (no decision then)."""
+        probs = self.backend.predict(image)
+        if not np.all(np.isfinite(probs)):
+            raise ValueError("the model gave a non-finite output for this image")
+        return decide(probs, self.info, self.threshold)
 
     def classify_paths(self, paths: Iterable[Path | ImageError], workers: int = 2,
                        lookahead: int = 8) -> Iterator[Prediction | ImageError]:

@@ -80,6 +80,8 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
                          f"({first_line(exc)})") from None
     first_ms = (time.perf_counter() - t) * 1e3
     _check_units(resolved.path, y.shape[-1] if y.ndim == 1 else None, info, "gives")
+    if not np.all(np.isfinite(y)):
+        raise ModelError(f"{resolved.path}: gives a non-finite output ({y.tolist()[:4]}) on a blank image")
     return LoadedModel(resolved, be, info, sha, first_ms)
 
 

@@ -37,9 +37,12 @@ def run_as_nobody(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def onnx_model(path: Path, *, outputs: int = 1, size: int = 200, dtype: str = "uint8",
-               labels=("COVID19", "NORMAL"), preprocessing: dict | None = None) -> Path:
+               labels=("COVID19", "NORMAL"), preprocessing: dict | None = None,
+               nan_above: float | None = None) -> Path:
     """A tiny real ONNX classifier: the mean of the image through a sigmoid (or a softmax over
-    the channel means when `outputs` > 1), with the project's metadata embedded."""
+    the channel means when `outputs` > 1), with the project's metadata embedded. With
+    `nan_above`, a sigmoid model answers NaN for images brighter than that mean (sqrt of a
+    negative number)."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
@@ -49,14 +52,20 @@ def onnx_model(path: Path, *, outputs: int = 1, size: int = 200, dtype: str = "u
     nodes = [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT)]
     if outputs == 1:
         nodes += [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2, 3], keepdims=1),
-                  helper.make_node("Flatten", ["m"], ["f"], axis=1),
-                  helper.make_node("Sigmoid", ["f"], ["prob"])]
+                  helper.make_node("Flatten", ["m"], ["f"], axis=1)]
+        if nan_above is not None:
+            nodes += [helper.make_node("Sub", ["limit", "f"], ["d"]),
+                      helper.make_node("Sqrt", ["d"], ["g"]),
+                      helper.make_node("Sigmoid", ["g"], ["prob"])]
+        else:
+            nodes += [helper.make_node("Sigmoid", ["f"], ["prob"])]
     else:
         nodes += [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
                   helper.make_node("Tile", ["m", "reps"], ["t"]),
                   helper.make_node("Slice", ["t", "starts", "ends", "axes"], ["s"]),
                   helper.make_node("Softmax", ["s"], ["prob"], axis=1)]
-    inits = [] if outputs == 1 else [
+    inits = [helper.make_tensor("limit", TensorProto.FLOAT, [], [nan_above])] if nan_above is not None else []
+    inits += [] if outputs == 1 else [
         helper.make_tensor("reps", TensorProto.INT64, [2], [1, outputs]),
         helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
         helper.make_tensor("ends", TensorProto.INT64, [1], [outputs]),

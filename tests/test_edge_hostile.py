@@ -160,6 +160,27 @@ def test_float64_onnx_input_is_fed_float64(tmp_path, good):
     assert run_cli("info", model).returncode == 0 and run_cli("bench", model, "--runs", "2").returncode == 0
 
 
+def test_non_finite_model_output_is_an_error_not_an_answer(tmp_path, good):
+    bright = tmp_path / "bright.png"
+    Image.fromarray(np.full((64, 64), 250, np.uint8)).save(bright)
+    model = onnx_model(tmp_path / "m.onnx", nan_above=200)  # NaN for images brighter than 200
+    r = run_cli("classify", "-m", model, "--json", good[0], bright, good[1])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    rows = [_strict_json(l) for l in _results(r)]
+    assert "label" in rows[0] and "non-finite" in rows[1]["error"] and "label" in rows[2]
+    msg = _one_line_exit_2(run_cli("classify", "-m", onnx_model(tmp_path / "n.onnx", nan_above=-1), good[0]))
+    assert "non-finite" in msg
+
+
+def test_runtime_loads_the_checked_bytes_not_the_path(tiny_artifacts, tmp_path):
+    from xray_edge.backends import open_backend
+
+    for name in ("xray_int8.tflite", "xray.onnx"):
+        data = (tiny_artifacts / name).read_bytes()
+        be = open_backend(tmp_path / "gone" / name, content=data)  # no file there at all
+        assert be.predict(np.zeros((200, 200, 3), np.uint8)).shape == (1,)
+
+
 def test_nan_threshold_is_a_usage_error(tiny_artifacts, good):
     for bad in ("nan", "inf", "-0.1", "1.5"):
         r = run_cli("classify", "-m", tiny_artifacts, "--threshold", bad, good[0])
