@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +58,38 @@ def resolve_threshold(info: ModelInfo, override: float | None = None) -> float |
     return info.threshold if override is None else override
 
 
+_END = object()
+
+
+def _feed(paths: Iterable, size: int):
+    """Pull `paths` on a thread into a bounded queue, so waiting for the next input (a slow
+    stdin) never holds back an answer that is ready; `stop` ends it when the reader stops."""
+    inbox: queue.Queue = queue.Queue(maxsize=max(1, size))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                inbox.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in paths:
+                if not put(item):
+                    return
+        except Exception as exc:  # noqa: BLE001 - listing inputs failed: say so in the output
+            put(ImageError("-", f"cannot list inputs: {first_line(exc)}"))
+        finally:
+            put(_END)
+
+    threading.Thread(target=run, name="xray-edge-inputs", daemon=True).start()
+    return inbox, stop
+
+
 class Classifier:
     """A loaded backend plus the meaning of its outputs."""
 
@@ -92,34 +126,45 @@ class Classifier:
             return image, (time.perf_counter() - t0) * 1e3
 
         pending: deque[tuple[Path | ImageError, Future | None]] = deque()
+        inbox, stop = _feed(paths, lookahead)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            it = iter(paths)
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < lookahead:
-                    try:
-                        item = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    fut = None if isinstance(item, ImageError) else pool.submit(decode, item)
-                    pending.append((item, fut))
-                if not pending:
-                    return
-                item, fut = pending.popleft()
-                if fut is None:
-                    yield item
-                    continue
+            try:
+                yield from self._drain(inbox, pending, pool, decode, lookahead)
+            finally:
+                stop.set()
+
+    def _drain(self, inbox, pending, pool, decode, lookahead):
+        """Keep up to `lookahead` decodes in flight; answer the oldest input first."""
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < lookahead:
                 try:
-                    image, decode_ms = fut.result()
-                except ImageError as err:
-                    yield err
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    label, scores = self.classify_array(image)
-                except Exception as exc:  # noqa: BLE001 - the model was checked at load: this image's fault
-                    yield ImageError(item, f"inference failed: {first_line(exc)}")
-                    continue
-                yield Prediction(str(item), label, scores, decode_ms,
-                                 (time.perf_counter() - t0) * 1e3)
+                    # wait for the next input only when nothing is in flight, so a slow
+                    # stream of paths (stdin) is answered path by path
+                    item = inbox.get(block=not pending)
+                except queue.Empty:
+                    break
+                if item is _END:
+                    exhausted = True
+                    break
+                fut = None if isinstance(item, ImageError) else pool.submit(decode, item)
+                pending.append((item, fut))
+            if not pending:
+                return
+            item, fut = pending.popleft()
+            if fut is None:
+                yield item
+                continue
+            try:
+                image, decode_ms = fut.result()
+            except ImageError as err:
+                yield err
+                continue
+            t0 = time.perf_counter()
+            try:
+                label, scores = self.classify_array(image)
+            except Exception as exc:  # noqa: BLE001 - the model was checked at load: this image's fault
+                yield ImageError(item, f"inference failed: {first_line(exc)}")
+                continue
+            yield Prediction(str(item), label, scores, decode_ms,
+                             (time.perf_counter() - t0) * 1e3)

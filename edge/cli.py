@@ -271,7 +271,7 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul
     Examples:
       xray-edge classify scan.jpg
       xray-edge classify --model artifacts/xray.onnx scans/ --json
-      find /pacs -type f -print0 | xray-edge classify -0 -
+      find /pacs -name '*.dcm' -print0 | xray-edge classify -0 -
     """
     from xray_edge.inputs import expand_inputs, read_paths
     from xray_edge.output import Printer

@@ -61,18 +61,25 @@ def _expand_one(arg: str) -> Iterator[Path | ImageError]:
 
 
 def read_paths(stream, nul: bool = False) -> Iterator[str]:
-    """Paths from a binary stream, one per line (or NUL-terminated with `nul`).
+    """Paths from a binary stream as they arrive, one per line (or NUL-terminated with `nul`).
 
     Only the line ending is removed: a name may begin or end with spaces. Bytes that are not
     UTF-8 are kept as the file system's own (os.fsdecode), so the file can still be opened.
     """
-    data = stream.read()
-    sep = b"\0" if nul else b"\n"
-    for raw in data.split(sep):
-        if not nul and raw.endswith(b"\r"):
-            raw = raw[:-1]
-        if raw:
-            yield os.fsdecode(raw)
+    if not nul:
+        for raw in stream:
+            raw = raw.rstrip(b"\n")
+            raw = raw[:-1] if raw.endswith(b"\r") else raw
+            if raw:
+                yield os.fsdecode(raw)
+        return
+    read = getattr(stream, "read1", stream.read)  # read1: what has arrived, without waiting for more
+    pending = b""
+    while chunk := read(1 << 16):
+        *names, pending = (pending + chunk).split(b"\0")
+        yield from (os.fsdecode(n) for n in names if n)
+    if pending:
+        yield os.fsdecode(pending)
 
 
 def walk_images(folder: Path, errors: list | None = None) -> Iterator[Path]:

@@ -285,3 +285,21 @@ def test_a_bad_image_named_for_bench_is_one_line(tiny_artifacts, tmp_path):
     p = tmp_path / "scan.jpg"
     p.write_bytes(b"%!PS-Adobe-3.0\nshowpage\n")
     assert "not accepted" in _one_line_exit_2(run_cli("bench", tiny_artifacts, "--runs", "1", "--image", p))
+
+
+@pytest.mark.parametrize("nul", [False, True])
+def test_stdin_paths_are_classified_as_they_arrive(tiny_artifacts, good, nul):
+    import select
+
+    cmd = [sys.executable, "-m", "xray_edge.cli", "classify", "-m", str(tiny_artifacts), *(["-0"] if nul else []), "-"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        p.stdin.write(os.fsencode(good[0]) + (b"\0" if nul else b"\n"))
+        p.stdin.flush()  # stdin stays open: the answer must not wait for its end
+        ready, _, _ = select.select([p.stdout], [], [], 120)
+        assert ready, "no answer before stdin was closed"
+        assert p.stdout.readline().split(b"\t")[0] == os.fsencode(good[0])
+    finally:
+        p.stdin.close()
+        p.wait(timeout=120)
+    assert p.returncode == 0
