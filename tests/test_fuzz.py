@@ -65,7 +65,6 @@ def test_mutated_files_give_an_array_or_image_error(tmp_path, case):
 # ---------------------------------------------------------------- manifests and model folders
 import json  # noqa: E402
 import math  # noqa: E402
-import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
