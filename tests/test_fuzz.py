@@ -1,15 +1,22 @@
-"""Mutated image files through the decode path: only the tool's own error type may come out."""
+"""Mutated image files, manifests, model folders and embedded metadata: only the tool's own
+error types may come out, and whatever loads answers right-shaped."""
 
 from __future__ import annotations
 
 import io
+import json
+import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from xray_edge.errors import ImageError
+from xray_edge.errors import ImageError, XrayEdgeError
+from xray_edge.metadata import tflite_with_metadata
 from xray_edge.preprocess import load_image
 
 
@@ -63,16 +70,6 @@ def test_mutated_files_give_an_array_or_image_error(tmp_path, case):
 
 
 # ---------------------------------------------------------------- manifests and model folders
-import json  # noqa: E402
-import math  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from xray_edge.errors import XrayEdgeError  # noqa: E402
-from xray_edge.metadata import tflite_with_metadata  # noqa: E402
-
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=12) | st.sampled_from(["COVID19", "NORMAL", "bilinear", "uint8", "1", "xray.onnx"]),
