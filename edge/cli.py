@@ -7,8 +7,10 @@ import neither TensorFlow nor Keras; `train` and `export` import them when they 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -25,8 +27,28 @@ class ToolError(click.ClickException):
     exit_code = EXIT_USAGE
 
 
-def _fail(exc: Exception) -> ToolError:
-    return ToolError(str(exc))
+@contextmanager
+def tool_errors():
+    """The one place where the tool's own errors become a one-line message and exit 2."""
+    try:
+        yield
+    except XrayEdgeError as exc:
+        raise ToolError(str(exc)) from None
+
+
+def _probability(ctx, param, value):
+    """A probability in [0, 1]; click's FloatRange lets NaN through."""
+    if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+        raise click.BadParameter(f"{value} is not a probability between 0 and 1")
+    return value
+
+
+backend_option = click.option(
+    "--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
+    show_default=True, help="Runtime; auto picks by file type and what is installed.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(1), default=None,
+    help="Interpreter threads. Default: all cores (measured gains: docs/edge.md).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -89,7 +111,7 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
     from xray_edge.train import device
     from xray_edge.train.dataset import discover
 
-    try:
+    with tool_errors():
         if data is None:
             from xray_edge.train.phantom import generate_phantoms
 
@@ -98,8 +120,6 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
             data = generate_phantoms(Path("data/phantom"), n_train=phantom_size, n_test=max(2, phantom_size // 2))
             click.echo(f"no --data: using synthetic phantoms in {data}", err=True)
         discover(data)  # a bad dataset fails here, in a second, before Keras is even imported
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     gpus = device.visible_gpus()
     chosen = device.choose_backend(None if backend == "auto" else backend, os.environ.get("KERAS_BACKEND"),
                                    gpus, device.jax_cuda_installed())
@@ -110,15 +130,13 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
         from xray_edge.train.trainer import train as run_train
     except ImportError as exc:
         raise ToolError(f"training needs the extra: pip install 'xray-edge[train]' ({exc.name} missing)") from None
-    try:
+    with tool_errors():
         cfg = TrainConfig(data=data, out=out, epochs=epochs, batch_size=batch_size,
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
                           zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
                           cache_dir=cache_dir or _default_cache_dir(), precision=precision,
                           devices=devices, visible_gpus=tuple(gpus))
         result = run_train(cfg, log=_log_line, progress=_ProgressBars())
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     m = result.metrics
     if as_json:
         click.echo(json.dumps(m, indent=2))
@@ -209,8 +227,10 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
            float_atol, int8_atol, int8_max_flips, as_json):
     """Convert model.keras to TFLite float32, TFLite int8 and ONNX, each proven against Keras.
 
-    Each file is loaded back in its edge runtime and compared with Keras on held-out real
-    images; a file that fails its gate is not written and the command exits 1.
+    The model is checked first (every requested format must be able to translate it); each file
+    is then converted into a staging folder, loaded back in its edge runtime and compared with
+    Keras on held-out real images. Only when every file passes is the set moved into place,
+    manifest last; otherwise the output folder is left as it was and the command exits 1.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
@@ -218,7 +238,7 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
         import tensorflow  # noqa: F401
 
         from xray_edge.export import parity
-        from xray_edge.export.pipeline import ExportConfig, run_export
+        from xray_edge.export.pipeline import ExportConfig, ExportFailed, run_export
     except ImportError as exc:
         raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({exc.name} missing)") from None
     g = parity.Gates()
@@ -230,18 +250,23 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
                        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), data=data,
                        calibration_size=calibration_size, parity_size=parity_size,
                        threshold=threshold, target_sensitivity=target_sensitivity, gates=gates)
-    try:
-        result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
+    with tool_errors():  # bad configuration: exit 2; a failed step or gate: exit 1, below
+        try:
+            result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
+        except ExportFailed as exc:
+            state = ("its model files may not match its manifest (the runner refuses those): export again"
+                     if exc.partial else "was left as it was")
+            click.echo(f"error: export failed at {exc}; {cfg.out} {state}", err=True)
+            sys.exit(EXIT_SOME_FAILED)
     if as_json:
         click.echo(json.dumps(result.manifest.to_dict(), indent=2))
-    else:
+    elif result.passed:
         click.echo(format_files_table(result.manifest))
         click.echo(f"manifest: {cfg.out / 'manifest.json'}  ({result.timings['total']:.1f} s)")
     if not result.passed:
         failed = ", ".join(r.format for r in result.results if not r.passed)
-        click.echo(f"error: parity gate failed for {failed}; those files were not written", err=True)
+        click.echo(f"error: parity gate failed for {failed}; nothing was written, "
+                   f"{cfg.out} was left as it was", err=True)
         sys.exit(EXIT_SOME_FAILED)
 
 
@@ -273,10 +298,8 @@ def report(artifacts, data, as_json):
     from xray_edge.export.report import render
     from xray_edge.export.report.build import build_report
 
-    try:
+    with tool_errors():
         rep = build_report(artifacts, data)
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     render.write(rep, artifacts)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
@@ -295,58 +318,66 @@ _MODEL_HELP = ("An artifacts folder with manifest.json (uses its default file, i
 @click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
 @click.option("--file", "file_name", default=None,
               help="Which file of the artifacts folder, e.g. xray_float32.tflite or xray.onnx.")
-@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
-              show_default=True, help="Runtime; auto picks by file type and what is installed.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+@backend_option
+@click.option("--threshold", type=float, default=None, callback=_probability,
               help="Override the manifest's operating point (P(labels[1]) >= threshold).")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="Interpreter threads. Default: all cores (2 threads: int8 3.8 ms vs 7.5 ms on 1).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def classify(inputs, model, file_name, backend, threshold, threads, as_json):
+@threads_option
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line, for every input: results and {path, error} records.")
+@click.option("-0", "--null", "nul", is_flag=True, help="Paths on stdin end with NUL (find -print0).")
+def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul):
     """Classify images: files, folders (recursive), globs, or - to read paths from stdin.
 
     \b
     Prints one line per image:  PATH<TAB>LABEL<TAB>PROBABILITY
+    Errors go to stderr, one line per input (and as {"path", "error"} records with --json).
     Exit codes: 0 all classified, 1 some inputs failed (the rest printed), 2 usage/model error.
 
     \b
     Examples:
       xray-edge classify scan.jpg
       xray-edge classify --model artifacts/xray.onnx scans/ --json
-      find /pacs -name '*.dcm' | xray-edge classify -
+      find /pacs -name '*.dcm' -print0 | xray-edge classify -0 -
     """
-    from xray_edge.inputs import expand_inputs
+    from xray_edge.inputs import expand_inputs, read_paths
+    from xray_edge.output import Printer
 
-    clf, loaded = _open_classifier(model, file_name, backend, threads, threshold)
+    with tool_errors():
+        clf, loaded = _open_classifier(model, file_name, backend, threads, threshold)
     if clf.info.synthetic_data:
         click.secho("warning: this model was trained on SYNTHETIC phantom data, not X-rays", fg="yellow", err=True)
-    stdin = sys.stdin if "-" in inputs else ()
+    stdin = read_paths(click.get_binary_stream("stdin"), nul) if "-" in inputs else ()
+    items = expand_inputs(inputs, stdin)
+    out = Printer(as_json, progress=_wants_progress(inputs))
+    if out.progress:
+        items = list(items)  # the bar needs the count
+        out.start(len(items))
     failed = 0
-    for item in clf.classify_paths(expand_inputs(inputs, stdin), workers=min(4, os.cpu_count() or 1)):
-        if isinstance(item, ImageError):
-            failed += 1
-            click.echo(f"error: {item}", err=True)
-            continue
-        if as_json:
-            click.echo(json.dumps({
-                "path": item.path, "label": item.label, "probability": round(item.probability, 6),
-                "scores": {k: round(v, 6) for k, v in item.scores.items()},
-                "threshold": clf.threshold, "model": str(loaded.path), "sha256": loaded.sha256,
-                "backend": clf.backend.name, "ms": {"decode": round(item.decode_ms, 2), "infer": round(item.infer_ms, 2)},
-            }))
-        else:
-            click.echo(f"{item.path}\t{item.label}\t{item.probability:.3f}")
+    with out:
+        for item in clf.classify_paths(items, workers=min(4, os.cpu_count() or 1)):
+            if isinstance(item, ImageError):
+                failed += 1
+                out.error(item.path, item.reason)
+            else:
+                out.result(item, {"threshold": clf.threshold, "model": os.fsdecode(loaded.path),
+                                  "sha256": loaded.sha256, "backend": clf.backend.name})
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _wants_progress(inputs) -> bool:
+    """A bar for folders, on a terminal only: never in pipes or logs."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+    return tty and any(os.path.isdir(i) for i in inputs if i != "-")
 
 
 def _open_classifier(model, file_name, backend, threads, threshold):
     from xray_edge.classify import Classifier
     from xray_edge.model import open_model
 
-    try:
-        loaded = open_model(model, file_name, backend, threads or os.cpu_count())
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
+    loaded = open_model(model, file_name, backend, threads or os.cpu_count())
     return Classifier(loaded.backend, loaded.info, threshold), loaded
 
 
@@ -354,15 +385,14 @@ def _open_classifier(model, file_name, backend, threads, threshold):
 @main.command()
 @click.argument("model", default="artifacts")
 @click.option("--file", "file_name", default=None, help="Which file of an artifacts folder.")
+@backend_option
 @click.option("--json", "as_json", is_flag=True)
-def info(model, file_name, as_json):
+def info(model, file_name, backend, as_json):
     """Show a model's labels, input, quantization, size, sha256 and recorded parity."""
     from xray_edge.info import describe
 
-    try:
-        d = describe(model, file_name)
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
+    with tool_errors():
+        d = describe(model, file_name, backend)
     _print_fields(d, as_json)
 
 
@@ -370,20 +400,18 @@ def info(model, file_name, as_json):
 @main.command()
 @click.argument("model", default="artifacts")
 @click.option("--file", "file_name", default=None, help="Which file of an artifacts folder.")
-@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto")
+@backend_option
 @click.option("--runs", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Image to decode in the images/s figure. Default: a generated 1024x1024 JPEG.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Interpreter threads. Default: all cores.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True)
 def bench(model, file_name, backend, runs, image, threads, as_json):
     """Time a model on this machine: load, first invoke, batch-of-one latency, images/s, memory."""
     from xray_edge.bench import run_bench
 
-    try:
+    with tool_errors():
         d = run_bench(model, file_name, backend, runs, image, threads or os.cpu_count())
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     _print_fields(d, as_json)
 
 
