@@ -241,7 +241,8 @@ _MODEL_HELP = ("An artifacts folder with manifest.json (uses its default file, i
 @click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
               show_default=True, help="Runtime; auto picks by file type and what is installed.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
-              help="Override the manifest's operating point (P(labels[1]) >= threshold).")
+              help="Override the operating point (P(labels[1]) >= threshold). Default: site.json "
+                   "beside the model when it was made for this file (xray-edge calibrate), else the manifest's.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Interpreter threads. Default: all cores (2 threads: int8 3.8 ms vs 7.5 ms on 1).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -260,7 +261,7 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json):
     """
     from xray_edge.inputs import expand_inputs
 
-    clf, loaded = _open_classifier(model, file_name, backend, threads, threshold)
+    clf, loaded, threshold_source = _open_classifier(model, file_name, backend, threads, threshold)
     if clf.info.synthetic_data:
         click.secho("warning: this model was trained on SYNTHETIC phantom data, not X-rays", fg="yellow", err=True)
     stdin = sys.stdin if "-" in inputs else ()
@@ -274,7 +275,8 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json):
             click.echo(json.dumps({
                 "path": item.path, "label": item.label, "probability": round(item.probability, 6),
                 "scores": {k: round(v, 6) for k, v in item.scores.items()},
-                "threshold": clf.threshold, "model": str(loaded.path), "sha256": loaded.sha256,
+                "threshold": clf.threshold, "threshold_source": threshold_source,
+                "model": str(loaded.path), "sha256": loaded.sha256,
                 "backend": clf.backend.name, "ms": {"decode": round(item.decode_ms, 2), "infer": round(item.infer_ms, 2)},
             }))
         else:
@@ -285,12 +287,16 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json):
 def _open_classifier(model, file_name, backend, threads, threshold):
     from xray_edge.classify import Classifier
     from xray_edge.model import open_model
+    from xray_edge.site import resolve_threshold
 
     try:
         loaded = open_model(model, file_name, backend, threads or os.cpu_count())
+        threshold, source = resolve_threshold(loaded.path, loaded.sha256, loaded.info.threshold,
+                                              "manifest" if loaded.resolved.manifest else "model file",
+                                              threshold)
     except XrayEdgeError as exc:
         raise _fail(exc) from None
-    return Classifier(loaded.backend, loaded.info, threshold), loaded
+    return Classifier(loaded.backend, loaded.info, threshold), loaded, source
 
 
 # --------------------------------------------------------------------------- info
@@ -339,6 +345,106 @@ def _print_fields(d: dict, as_json: bool) -> None:
     for k, v in d.items():
         click.echo(f"{k:<{width}}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
 
+
+# --------------------------------------------------------------------------- calibrate
+@main.command()
+@click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
+@click.option("--file", "file_name", default=None, help="Which file of the artifacts folder to calibrate.")
+@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
+              show_default=True)
+@click.option("--data", "site_dir", type=click.Path(path_type=Path), required=True,
+              help="This site's labelled images: DATA/<class>/* with the model's class names.")
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+              show_default=True, help="Sensitivity for the disease class that the threshold must reach here.")
+@click.option("--max-ci-width", type=click.FloatRange(0, 1), default=None,
+              help="Warn when a 95% interval at the new threshold is wider than this (default 0.25).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Interpreter threads. Default: all cores.")
+@click.option("--json", "as_json", is_flag=True, help="Print site.json's content.")
+def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_width, threads, as_json):
+    """Choose this site's threshold on its own labelled images; write site.json beside the model.
+
+    Classifies DATA/<class>/* with the model file classify would use, chooses the threshold with
+    export's rule (the target sensitivity for the disease class) and prints sensitivity and
+    specificity, with 95% Wilson intervals, at the previous and the new threshold. classify then
+    uses site.json for this file (and refuses it for any other); the model files and manifest.json
+    are not changed.
+    """
+    from xray_edge import site
+    from xray_edge.model import open_model
+
+    try:
+        loaded = open_model(model, file_name, backend, threads or os.cpu_count())
+        rec, errors = site.calibrate_model(loaded, site_dir, target_sensitivity)
+    except XrayEdgeError as exc:
+        raise _fail(exc) from None
+    for e in errors:
+        click.echo(f"error: {e} (skipped)", err=True)
+    path = rec.write(loaded.path.parent)
+    if as_json:
+        click.echo(json.dumps(rec.to_dict(), indent=2))
+    else:
+        click.echo(site.summary(rec))
+        click.echo(f"wrote {path} (for {rec.model_file}, sha256 {rec.model_sha256[:12]}...)")
+    width = site.DEFAULT_MAX_CI_WIDTH if max_ci_width is None else max_ci_width
+    for w in site.wide_intervals(rec.figures, width):
+        click.echo(f"warning: wide 95% interval at the site threshold: {w} (wider than {width}); "
+                   "more images per class narrow it", err=True)
+    sys.exit(EXIT_SOME_FAILED if errors else EXIT_OK)
+
+# --------------------------------------------------------------------------- explain
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for one NAME.explain.png per image.")
+@click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
+@click.option("--file", "file_name", default=None, help="Which file of the artifacts folder.")
+@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
+              show_default=True)
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="As in classify: default site.json for this file, else the manifest's.")
+@click.option("--grid", type=click.IntRange(2, 50), default=8, show_default=True,
+              help="Occlusion positions per side (grid x grid + 1 invokes per image).")
+@click.option("--patch", type=click.IntRange(1), default=50, show_default=True,
+              help="Side of the occluding square, in model-input pixels (200 x 200).")
+@click.option("--size", "max_side", type=click.IntRange(64, 4096), default=512, show_default=True,
+              help="Longest side of the PNG's picture, in pixels (the original's aspect is kept).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Interpreter threads. Default: all cores.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image with the grid of scores.")
+def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, max_side, threads, as_json):
+    """Where the model looks: an occlusion heat map over each X-ray, as a PNG.
+
+    Each patch of the model's input is covered in turn with the image's mean grey and the image
+    classified again (batch of one, the runtime classify uses, any format); bright regions are
+    those whose loss lowers the probability of the label given. The picture keeps the original
+    file's aspect; the caption gives label, probability and the frame share (see README).
+    Exit codes as classify.
+    """
+    from xray_edge import explain as ex
+    from xray_edge.inputs import expand_inputs
+    from xray_edge.preprocess import load_image
+
+    clf, loaded, _ = _open_classifier(model, file_name, backend, threads, threshold)
+    occ = ex.Occlusion(grid=grid, patch=patch)
+    stdin = sys.stdin if "-" in inputs else ()
+    failed, used = 0, set()
+    for item in expand_inputs(inputs, stdin):
+        try:
+            if isinstance(item, ImageError):
+                raise item
+            image = load_image(item, clf.info.preprocessing)
+            result = ex.explain_image(image, clf.backend.predict, clf.info.labels, clf.threshold, occ)
+            pic, caption = ex.picture(item, result, max_side)
+            path = ex.write_png(pic, out_dir / ex.out_name(Path(item), used), caption, result)
+        except ImageError as err:
+            failed += 1
+            click.echo(f"error: {err}", err=True)
+            continue
+        if as_json:
+            click.echo(json.dumps({"path": str(item), "png": str(path), **result.to_dict(),
+                                   "model": str(loaded.path), "threshold": clf.threshold}))
+        else:
+            click.echo(f"{item}\t{result.label}\t{result.probability:.3f}\t{path}")
+    sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

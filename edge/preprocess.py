@@ -78,6 +78,21 @@ def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.nda
     Example:
         >>> x = load_image("scan.jpg")          # (200, 200, 3) uint8
     """
+    img = decode_image(path, spec.size)
+    if img.mode not in ("L", "RGB"):
+        raise ImageError(path, f"unsupported pixel mode {img.mode}")  # pragma: no cover - defensive
+    img = img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:  # grayscale: the tutorial's model takes RGB, so copy to three channels
+        arr = np.repeat(arr[:, :, None], spec.channels, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def decode_image(path: str | os.PathLike, min_side: int) -> Image.Image:
+    """The file as an 8-bit L or RGB image at its own aspect ratio, before the model's resize.
+
+    JPEGs may be decoded at a reduced scale that keeps both sides >= `min_side`. Raises ImageError.
+    """
     p = Path(path)
     _check_file(p)
     suffix = p.suffix.lower()
@@ -85,16 +100,8 @@ def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.nda
     if suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and _has_dicom_preamble(p)):
         from xray_edge.dicom import read_dicom  # optional extra, imported only when needed
 
-        img = Image.fromarray(read_dicom(p))
-    else:
-        img = _read_pillow(p, spec.size)
-    if img.mode not in ("L", "RGB"):
-        raise ImageError(p, f"unsupported pixel mode {img.mode}")  # pragma: no cover - defensive
-    img = img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:  # grayscale: the tutorial's model takes RGB, so copy to three channels
-        arr = np.repeat(arr[:, :, None], spec.channels, axis=2)
-    return np.ascontiguousarray(arr)
+        return Image.fromarray(read_dicom(p))
+    return _read_pillow(p, min_side)
 
 
 def _check_file(p: Path) -> None:
