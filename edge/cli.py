@@ -204,8 +204,10 @@ def format_files_table(manifest) -> str:
               default=Path("artifacts"), show_default=True, help="Folder with manifest.json and model.keras.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Test images as DATA/<class>/* or DATA/test/<class>/*. Default: the training's test split.")
+@click.option("--saliency-images", type=click.IntRange(0), default=4, show_default=True,
+              help="Test images per class on the saliency page (Grad-CAM and occlusion); 0 skips it.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
-def report(artifacts, data, as_json):
+def report(artifacts, data, saliency_images, as_json):
     """Measure every exported format on the same test images; write report.md, report.json, plots.
 
     One row per format, Keras first: size, load time, batch-of-one latency, max |Δp| and flips vs
@@ -217,7 +219,7 @@ def report(artifacts, data, as_json):
     from xray_edge.export.report.build import build_report
 
     try:
-        rep = build_report(artifacts, data)
+        rep = build_report(artifacts, data, saliency_per_class=saliency_images)
     except XrayEdgeError as exc:
         raise _fail(exc) from None
     render.write(rep, artifacts)
