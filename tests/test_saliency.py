@@ -63,7 +63,8 @@ def test_frame_share_flags_a_planted_corner_marker(models):
     # the shortcut: nearly all attribution in the frame, nearly none on the lungs
     assert frame_marked.min() > 0.7 and np.median(lung_marked) < 0.1, (frame_marked, lung_marked)
     # the honest model: little in the frame, most on the lungs (which cover ~30% of the image)
-    assert frame_clean.max() < 0.3 and np.median(lung_clean) > 0.5, (frame_clean, lung_clean)
+    assert np.median(frame_clean) < 0.3 and frame_clean.max() < 0.45, frame_clean
+    assert np.median(lung_clean) > 0.5, lung_clean
 
 
 def test_grad_cam_sees_the_marker_too(models):
