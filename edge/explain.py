@@ -22,7 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from xray_edge.classify import decide
 from xray_edge.files import atomic_write_bytes
+from xray_edge.metadata import ModelInfo
 from xray_edge.preprocess import decode_image
 
 FRAME = 0.15  # the outer band of each side where text, markers and borders sit
@@ -121,9 +123,6 @@ def frame_share(attribution: np.ndarray, frame: float = FRAME) -> float:
 def explain_image(image: np.ndarray, predict_one: Callable[[np.ndarray], np.ndarray], labels: tuple[str, ...],
                   threshold: float | None, occ: Occlusion = DEFAULT) -> Explanation:
     """Classify one image batch-of-one as the runner does and explain the label it gets."""
-    from xray_edge.classify import decide
-    from xray_edge.metadata import ModelInfo
-
     label, _ = decide(predict_one(image), ModelInfo(labels, threshold), threshold)
     k = labels.index(label)
 
@@ -157,8 +156,7 @@ def overlay(original: Image.Image, attribution: np.ndarray, alpha: float = 0.6) 
     base = np.asarray(original.convert("RGB"), np.float64)
     a = np.clip(attribution, 0, None)
     a = a / a.max() if a.max() > 0 else a
-    heat = np.asarray(Image.fromarray(a.astype(np.float32), mode="F")
-                      .resize(original.size, Image.Resampling.BILINEAR))
+    heat = np.asarray(Image.fromarray(a.astype(np.float32)).resize(original.size, Image.Resampling.BILINEAR))
     heat = np.clip(heat, 0, 1)
     colour = _LUT[np.round(heat * 255).astype(np.uint8)].astype(np.float64)
     w = alpha * heat[..., None]
@@ -168,7 +166,10 @@ def overlay(original: Image.Image, attribution: np.ndarray, alpha: float = 0.6) 
 def captioned(picture: Image.Image, lines: list[str]) -> Image.Image:
     """`picture` above a black strip with `lines` of white text."""
     size = max(10, picture.width // 32)
-    font = ImageFont.load_default(size=size)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 (e.g. Debian 12's): the fixed bitmap font
+        font, size = ImageFont.load_default(), 11
     strip = (size + 4) * len(lines) + 8
     out = Image.new("RGB", (picture.width, picture.height + strip), (0, 0, 0))
     out.paste(picture, (0, 0))

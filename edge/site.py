@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from xray_edge import metrics
+from xray_edge.classify import predicted_classes
 from xray_edge.errors import ModelError, XrayEdgeError
 from xray_edge.files import atomic_write_json
 from xray_edge.inputs import walk_images
@@ -163,8 +164,6 @@ def split_half(y_pos: np.ndarray, probs: np.ndarray, pos: int, target: float,
 
 def calls_positive(probs: np.ndarray, pos: int, threshold: float) -> np.ndarray:
     """The runner's decision (labels[1] when P(labels[1]) >= threshold) as "called positive"."""
-    from xray_edge.classify import predicted_classes
-
     return predicted_classes(probs, threshold) == pos
 
 
@@ -262,7 +261,7 @@ def summary(rec: SiteCalibration) -> str:
         lo, hi = r["ci95"]
         return f"{r['value']:.3f} ({lo:.2f}-{hi:.2f}, {r['k']}/{r['n']})"
 
-    lines = [f"site images: " + ", ".join(f"{c} {n}" for c, n in rec.counts.items())
+    lines = ["site images: " + ", ".join(f"{c} {n}" for c, n in rec.counts.items())
              + f"; ROC AUC {f['roc_auc']:.3f} ({pos} positive)"]
     for key, name in (("previous", "previous threshold"), ("site", "site threshold*")):
         if key in f:

@@ -87,8 +87,9 @@ def test_report_saliency_page(tiny_artifacts):
     render.write(rep, tiny_artifacts)
     sal = rep["saliency"]
     manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
-    formats = [r["format"] for r in sal["rows"]]
-    assert formats == ["keras (Grad-CAM)"] + [f"{e['format']} (occlusion)" for e in manifest["files"].values()]
+    rows = [(r["format"], r["file"], r["method"]) for r in sal["rows"]]
+    assert rows == [("keras", "model.keras", "Grad-CAM")] + [
+        (e["format"], name, "occlusion") for name, e in manifest["files"].items()]
     assert len(sal["images"]) == 4
     for r in sal["rows"]:
         assert len(r["per_image"]) == 4 and set(r["by_class"]) == set(manifest["labels"])
@@ -97,5 +98,5 @@ def test_report_saliency_page(tiny_artifacts):
         if finite:
             assert r["frame_share"] == pytest.approx(np.mean(finite), abs=1e-4)
     md = (tiny_artifacts / "report.md").read_text()
-    assert "**Frame share**" in md and "| keras (Grad-CAM) |" in md
+    assert "**Frame share**" in md and "| Grad-CAM | model.keras |" in md
     assert (tiny_artifacts / "report_saliency.png").stat().st_size > 10_000

@@ -76,14 +76,14 @@ def saliency_section(report: dict) -> str:
     if not sal:
         return ""
     classes = report["classes"]
-    head = "| format (method) | " + " | ".join(f"frame share, {c}" for c in classes) + " | frame share, all |"
-    lines = [head, "|" + "|".join(["---"] * (len(classes) + 2)) + "|"]
+    head = "| method | file | " + " | ".join(f"frame share, {c}" for c in classes) + " | frame share, all |"
+    lines = [head, "|" + "|".join(["---"] * (len(classes) + 3)) + "|"]
 
     def f(v):
         return "n/a" if v is None else f"{v:.2f}"
 
     for r in sal["rows"]:
-        lines.append(f"| {r['format']} | " + " | ".join(f(r["by_class"][c]) for c in classes)
+        lines.append(f"| {r['method']} | {r['file']} | " + " | ".join(f(r["by_class"][c]) for c in classes)
                      + f" | {f(r['frame_share'])} |")
     occ = sal["occlusion"]
     return f"""

@@ -53,8 +53,8 @@ def grad_cam(model, images: np.ndarray, explained: np.ndarray) -> np.ndarray:
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cams = tf.nn.relu(tf.reduce_sum(acts * weights, axis=-1)).numpy()
     h, w = images.shape[1:3]
-    return np.stack([np.asarray(Image.fromarray(c.astype(np.float32), mode="F")
-                                .resize((w, h), Image.Resampling.BILINEAR)) for c in cams])
+    return np.stack([np.asarray(Image.fromarray(c.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
+                     for c in cams])
 
 
 def sample(y: np.ndarray, per_class: int) -> np.ndarray:
@@ -78,22 +78,26 @@ def page(model, manifest, artifacts: Path, images: np.ndarray, y: np.ndarray, ou
     x, yt = images[idx], y[idx]
     ref = np.asarray(model.predict(x, verbose=0), np.float32)
     explained = predicted_classes(ref, manifest.threshold)
-    maps = {"keras (Grad-CAM)": grad_cam(model, x, explained)}
+    keras_file = manifest.source_model.get("file", "model.keras")
+    # (format, file, method) -> attribution maps [n, H, W]
+    maps = {("keras", keras_file, "Grad-CAM"): grad_cam(model, x, explained)}
     for name, entry in manifest.files.items():
         be = open_backend(artifacts / name, threads=os.cpu_count())
-        maps[f"{entry.format} (occlusion)"] = np.stack([
+        maps[(entry.format, name, "occlusion")] = np.stack([
             explain.explain_image(img, be.predict, manifest.labels, manifest.threshold, occlusion).pixels
             for img in x])
     # beside Grad-CAM: the int8 file, the one a device runs (else the first exported)
-    formats = [e.format for e in manifest.files.values()]
-    shown = f"{'int8' if 'int8' in formats else formats[0]} (occlusion)"
+    occluded = [k for k in maps if k[2] == "occlusion"]
+    shown = next((k for k in occluded if k[0] == "int8"), occluded[0])
     rows = []
-    for method, m in maps.items():
+    for (fmt, name, method), m in maps.items():
         shares = np.array([explain.frame_share(a) for a in m])
-        rows.append({"format": method, "per_image": [round(float(s), 4) for s in shares],
-                     "frame_share": _mean(shares),
+        rows.append({"format": fmt, "file": name, "method": method,
+                     "per_image": [round(float(s), 4) for s in shares], "frame_share": _mean(shares),
                      "by_class": {c: _mean(shares[yt == i]) for i, c in enumerate(classes)}})
-    _plot(x, yt, explained, classes, maps["keras (Grad-CAM)"], maps[shown], shown, rows, out / "report_saliency.png")
+    cam_key = next(iter(maps))
+    _plot(x, yt, explained, classes, (maps[cam_key], rows[0]["per_image"]),
+          (maps[shown], rows[list(maps).index(shown)]["per_image"], shown[0]), out / "report_saliency.png")
     return {"frame": explain.FRAME, "per_class": per_class, "images": [int(i) for i in idx],
             "occlusion": {"grid": occlusion.grid, "patch_px": occlusion.patch, "fill": "image mean"},
             "rows": rows, "figure": "report_saliency.png"}
@@ -104,16 +108,16 @@ def _mean(v: np.ndarray) -> float | None:
     return round(float(v.mean()), 4) if len(v) else None
 
 
-def _plot(x, yt, explained, classes, cams, occ, occ_name, rows, path: Path) -> None:
+def _plot(x, yt, explained, classes, cam, occ, path: Path) -> None:
+    """Rows of (image, Grad-CAM, occlusion); `cam` is (maps, shares), `occ` (maps, shares, format)."""
     plt = pyplot()
     n = len(x)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False, layout="constrained")
-    share = {r["format"]: r["per_image"] for r in rows}
     for i in range(n):
         grey = x[i][..., 0]
         cols = [(None, f"true {classes[yt[i]]}, called {classes[explained[i]]}"),
-                (cams[i], f"Grad-CAM, Keras: frame {share['keras (Grad-CAM)'][i]:.2f}"),
-                (occ[i], f"occlusion, {occ_name.split()[0]}: frame {share[occ_name][i]:.2f}")]
+                (cam[0][i], f"Grad-CAM, Keras: frame {cam[1][i]:.2f}"),
+                (occ[0][i], f"occlusion, {occ[2]}: frame {occ[1][i]:.2f}")]
         for ax, (heat, title) in zip(axes[i], cols):
             ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
             if heat is not None:
