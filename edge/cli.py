@@ -152,8 +152,10 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
            float_atol, int8_atol, int8_max_flips, as_json):
     """Convert model.keras to TFLite float32, TFLite int8 and ONNX, each proven against Keras.
 
-    Each file is loaded back in its edge runtime and compared with Keras on held-out real
-    images; a file that fails its gate is not written and the command exits 1.
+    The model is checked first (every requested format must be able to translate it); each file
+    is then converted into a staging folder, loaded back in its edge runtime and compared with
+    Keras on held-out real images. Only when every file passes is the set moved into place,
+    manifest last; otherwise the output folder is left as it was and the command exits 1.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
@@ -161,7 +163,7 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
         import tensorflow  # noqa: F401
 
         from xray_edge.export import parity
-        from xray_edge.export.pipeline import ExportConfig, run_export
+        from xray_edge.export.pipeline import ExportConfig, ExportFailed, run_export
     except ImportError as exc:
         raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({exc.name} missing)") from None
     g = parity.Gates()
@@ -175,16 +177,22 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
                        threshold=threshold, target_sensitivity=target_sensitivity, gates=gates)
     try:
         result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
+    except ExportFailed as exc:
+        state = ("its model files may not match its manifest (the runner refuses those): export again"
+                 if exc.partial else "was left as it was")
+        click.echo(f"error: export failed at {exc}; {cfg.out} {state}", err=True)
+        sys.exit(EXIT_SOME_FAILED)
     except XrayEdgeError as exc:
         raise _fail(exc) from None
     if as_json:
         click.echo(json.dumps(result.manifest.to_dict(), indent=2))
-    else:
+    elif result.passed:
         click.echo(format_files_table(result.manifest))
         click.echo(f"manifest: {cfg.out / 'manifest.json'}  ({result.timings['total']:.1f} s)")
     if not result.passed:
         failed = ", ".join(r.format for r in result.results if not r.passed)
-        click.echo(f"error: parity gate failed for {failed}; those files were not written", err=True)
+        click.echo(f"error: parity gate failed for {failed}; nothing was written, "
+                   f"{cfg.out} was left as it was", err=True)
         sys.exit(EXIT_SOME_FAILED)
 
 

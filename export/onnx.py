@@ -1,11 +1,11 @@
 """Keras model -> ONNX, written layer by layer from the Keras weights.
 
-Why not tf2onnx: on this 2-core machine `tf2onnx.convert.from_function(large_model=True)` took
-19.7 s for the tutorial's 41M-parameter model, in a process that peaked at 6.7 GB (its graph optimizers copy
-the 164 MB Dense weight on every pass), and `from_keras` fails on Keras 3. The tutorial's model
-uses six layer types, each of which is one or two ONNX operators, so emitting them directly takes
-well under a second. Anything else is refused by name rather than guessed; the parity check
-then proves the file against Keras in onnxruntime.
+Why not tf2onnx: for the tutorial's 41M-parameter model it costs tens of seconds and several GB
+(its graph optimizers copy the large Dense weight on every pass; figures in docs/export.md), and
+`from_keras` fails on Keras 3. The tutorial's model uses six layer types, each one or two ONNX
+operators, so emitting them directly takes about a second. Anything else is refused by name
+(`refusal`, run for the whole model by `xray_edge.export.model_check` before any conversion)
+rather than guessed; the parity check then proves the file against Keras in onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,22 +15,24 @@ import logging
 
 import numpy as np
 
+from xray_edge.errors import XrayEdgeError
+
 ONNX_OPSET = 17  # ONNX 1.12+ / onnxruntime 1.12+, the oldest a Raspberry Pi pip install gets
 ONNX_IR_VERSION = 8
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 
 
-class UnsupportedLayer(ValueError):
-    pass
+class UnsupportedLayer(XrayEdgeError):
+    """A model shape, layer or option the emitter does not translate; the message names it."""
 
 
 def quantize_qdq(float_model: bytes, calibration: np.ndarray, metadata: dict) -> bytes:
     """Static int8 ONNX in QDQ form: uint8 activations, int8 per-channel weights.
 
-    Issue #3 measured onnxruntime's default dynamic quantization 3x slower than float32 on this
-    model; static QDQ ran at 3.1 ms against 8.0 ms for `xray.onnx` here (`xray-edge bench`, the
-    shared-set model). Input and output stay float32, so the file is fed like `xray.onnx`.
+    Static rather than onnxruntime's default dynamic quantization, which ran slower than float32
+    on this model (docs/export.md). Input and output stay float32, so the file is fed like
+    `xray.onnx`.
 
     Args:
         float_model: bytes from `keras_to_onnx`.
@@ -70,12 +72,23 @@ def quantize_qdq(float_model: bytes, calibration: np.ndarray, metadata: dict) ->
     return proto.SerializeToString()
 
 
+def with_metadata(model: bytes, metadata: dict) -> bytes:
+    """The same ONNX model with `metadata` as its only ``xray_edge`` property."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load_from_string(model)
+    del proto.metadata_props[:]
+    helper.set_model_props(proto, {"xray_edge": json.dumps(metadata, sort_keys=True)})
+    return proto.SerializeToString()
+
+
 def keras_to_onnx(model, metadata: dict) -> bytes:
-    """Serialise a Sequential Keras CNN to ONNX bytes.
+    """Serialise a single-chain Keras CNN to ONNX bytes.
 
     Args:
-        model: a built Keras model made of Rescaling, Conv2D, MaxPooling2D, Dropout, Flatten
-            and Dense layers, NHWC input.
+        model: a built Keras model whose layers form one chain of Rescaling, Conv2D,
+            MaxPooling2D, Dropout, Flatten and Dense layers, fixed NHWC input.
         metadata: stored as the ``xray_edge`` metadata property (JSON), so the file alone
             carries its labels, threshold and preprocessing.
 
@@ -84,63 +97,72 @@ def keras_to_onnx(model, metadata: dict) -> bytes:
         pixels, NHWC as in Keras), output ``probability`` [batch, K].
 
     Raises:
-        UnsupportedLayer: for a layer or option this emitter does not translate.
+        UnsupportedLayer: for a model shape, layer or option this emitter does not translate
+            (the same check `xray_edge.export.model_check` runs before any conversion).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from xray_edge.export.model_check import layer_chain
+
+    chain = layer_chain(model)
+    for layer, in_shape in chain:
+        reason = refusal(layer, in_shape)
+        if reason:
+            raise UnsupportedLayer(reason)
     g = _Graph(numpy_helper)
-    in_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    model_in = tuple(int(d) for d in model.inputs[0].shape[1:])
     x = INPUT_NAME
     layout = "NHWC"  # the layout of x: NHWC, NCHW, or flat
     flat_from_nchw: tuple[int, int, int] | None = None  # (H, W, C) when NCHW was flattened
-    for layer in model.layers:
+    for layer, in_shape in chain:
         kind = type(layer).__name__
-        if kind in ("Dropout", "InputLayer"):
+        if kind in SKIPPED:
             continue
         if kind == "Rescaling":
-            x = g.node("Mul", [x, g.const(np.float32(layer.scale), "scale")])
-            if float(np.asarray(layer.offset)) != 0.0:
-                x = g.node("Add", [x, g.const(np.float32(layer.offset), "offset")])
+            x = g.node("Mul", [x, g.const(_channel_const(layer.scale, layout), "scale")])
+            offset = _channel_const(layer.offset, layout)
+            if np.any(offset != 0):
+                x = g.node("Add", [x, g.const(offset, "offset")])
             continue
         if kind in ("Conv2D", "MaxPooling2D") and layout == "NHWC":
             x = g.node("Transpose", [x], perm=[0, 3, 1, 2])
             layout = "NCHW"
         if kind == "Conv2D":
-            _check(layer.data_format == "channels_last" and layer.groups == 1, layer)
-            kernel, bias = (w.numpy() if hasattr(w, "numpy") else np.asarray(w)
-                            for w in (layer.kernel, layer.bias))
+            kernel = _numpy(layer.kernel)
+            bias = _numpy(layer.bias) if layer.use_bias else np.zeros(kernel.shape[-1], np.float32)
             x = g.node("Conv", [x, g.const(kernel.transpose(3, 2, 0, 1), "W"), g.const(bias, "B")],
                        kernel_shape=list(layer.kernel_size), strides=list(layer.strides),
-                       dilations=list(layer.dilation_rate), auto_pad=_pad(layer))
+                       dilations=list(layer.dilation_rate),
+                       pads=_pads(layer, in_shape, layer.kernel_size, layer.dilation_rate))
             x = _activation(g, x, layer)
         elif kind == "MaxPooling2D":
-            _check(layer.data_format == "channels_last", layer)
-            x = g.node("MaxPool", [x], kernel_shape=list(layer.pool_size),
-                       strides=list(layer.strides), auto_pad=_pad(layer))
+            x = g.node("MaxPool", [x], kernel_shape=list(layer.pool_size), strides=list(layer.strides),
+                       pads=_pads(layer, in_shape, layer.pool_size, (1, 1)))
         elif kind == "Flatten":
             if layout == "NCHW":
-                flat_from_nchw = tuple(int(d) for d in layer.input.shape[1:])
+                flat_from_nchw = tuple(int(d) for d in in_shape[1:])
             x = g.node("Flatten", [x], axis=1)
             layout = "flat"
         elif kind == "Dense":
-            kernel = np.asarray(layer.kernel.numpy())
+            kernel = _numpy(layer.kernel)
             if flat_from_nchw is not None:
                 # Keras flattens NHWC; our tensor was NCHW. Permute the weight rows instead of
                 # transposing the activations back: same result, no runtime cost.
                 h, w, c = flat_from_nchw
                 kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
                 flat_from_nchw = None
-            x = g.node("Gemm", [x, g.const(kernel, "W"), g.const(np.asarray(layer.bias.numpy()), "B")])
+            bias = _numpy(layer.bias) if layer.use_bias else np.zeros(kernel.shape[-1], np.float32)
+            x = g.node("Gemm", [x, g.const(kernel, "W"), g.const(bias, "B")])
             x = _activation(g, x, layer)
-        else:
-            raise UnsupportedLayer(f"ONNX export does not translate layer {layer.name!r} ({kind})")
+    if x == INPUT_NAME:
+        x = g.node("Identity", [x])
     g.nodes[-1].output[0] = OUTPUT_NAME
 
     n_out = int(model.outputs[0].shape[-1])
     graph = helper.make_graph(
         g.nodes, "xray_edge",
-        inputs=[helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *in_shape])],
+        inputs=[helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *model_in])],
         outputs=[helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", n_out])],
         initializer=g.initializers,
     )
@@ -152,26 +174,80 @@ def keras_to_onnx(model, metadata: dict) -> bytes:
     return proto.SerializeToString()
 
 
-def _pad(layer) -> str:
-    return {"same": "SAME_UPPER", "valid": "VALID"}[layer.padding]  # TF pads the extra at the end
+# What the emitter translates: layer type -> activations it accepts on that layer. Softmax only
+# on a 2-D Dense output: on a Conv2D it would run over the NCHW channel axis the emitter uses.
+SKIPPED = {"InputLayer", "Dropout"}  # identity at inference
+ACTIVATIONS = {"Conv2D": {"linear", "relu", "sigmoid"}, "Dense": {"linear", "relu", "sigmoid", "softmax"}}
+TRANSLATED = {"Rescaling", "Conv2D", "MaxPooling2D", "Flatten", "Dense"} | SKIPPED
+
+
+def refusal(layer, in_shape: tuple) -> str | None:
+    """Why the emitter cannot translate `layer` applied to a tensor of `in_shape`, or None.
+
+    One line naming the layer and the option, e.g. "layer 'conv2d' (Conv2D): activation
+    'softmax' is not translated (translated: linear, relu, sigmoid)".
+    """
+    kind = type(layer).__name__
+    where = f"layer {layer.name!r} ({kind})"
+    if kind not in TRANSLATED:
+        return f"{where} is not translated to ONNX (translated: {', '.join(sorted(TRANSLATED))})"
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return f"{where}: data_format={layer.data_format!r} is not translated (only 'channels_last')"
+    if kind in ("Conv2D", "MaxPooling2D") and layer.padding not in ("same", "valid"):
+        return f"{where}: padding={layer.padding!r} is not translated (only 'same', 'valid')"
+    if kind == "Conv2D" and layer.groups != 1:
+        return f"{where}: groups={layer.groups} is not translated (only 1)"
+    if kind == "Dense" and len(in_shape) != 2:
+        return (f"{where}: applied to a {len(in_shape)}-D tensor {tuple(in_shape)} is not translated "
+                "(only after Flatten, on [batch, features])")
+    if kind == "Rescaling":
+        for option in ("scale", "offset"):
+            value = np.asarray(getattr(layer, option), dtype=np.float32)
+            if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, int(in_shape[-1]))):
+                return (f"{where}: {option} of shape {value.shape} is not translated "
+                        f"(a scalar or one value per channel)")
+    if kind in ACTIVATIONS:
+        name = _activation_name(layer)
+        if name not in ACTIVATIONS[kind]:
+            return (f"{where}: activation {name!r} is not translated "
+                    f"(translated: {', '.join(sorted(ACTIVATIONS[kind]))})")
+    return None
+
+
+def _numpy(variable) -> np.ndarray:
+    return np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable, dtype=np.float32)
+
+
+def _channel_const(value, layout: str) -> np.ndarray:
+    """A Rescaling scale or offset (scalar or per channel) that broadcasts in `layout`."""
+    v = np.asarray(value, dtype=np.float32)
+    return v.reshape(-1, 1, 1) if v.ndim == 1 and layout == "NCHW" else v
+
+
+def _pads(layer, in_shape: tuple, kernel: tuple, dilation: tuple) -> list[int]:
+    """Explicit ONNX pads [top, left, bottom, right] for TF's padding (the extra pixel at the
+    end); explicit rather than auto_pad, which onnxruntime rejects with dilations."""
+    if layer.padding == "valid":
+        return [0, 0, 0, 0]
+    begin, end = [], []
+    for size, k, s, d in zip(in_shape[1:3], kernel, layer.strides, dilation):
+        size = int(size)
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        begin.append(total // 2)
+        end.append(total - total // 2)
+    return begin + end
+
+
+def _activation_name(layer) -> str:
+    return getattr(layer.activation, "__name__", str(layer.activation))
 
 
 def _activation(g: "_Graph", x: str, layer) -> str:
-    name = getattr(layer.activation, "__name__", str(layer.activation))
+    name = _activation_name(layer)
     if name == "linear":
         return x
-    if name == "relu":
-        return g.node("Relu", [x])
-    if name == "sigmoid":
-        return g.node("Sigmoid", [x])
-    if name == "softmax":
-        return g.node("Softmax", [x], axis=-1)
-    raise UnsupportedLayer(f"ONNX export does not translate activation {name!r} of {layer.name!r}")
-
-
-def _check(ok: bool, layer) -> None:
-    if not ok:
-        raise UnsupportedLayer(f"ONNX export does not translate the options of {layer.name!r}")
+    op = {"relu": "Relu", "sigmoid": "Sigmoid", "softmax": "Softmax"}[name]  # refusal() checked
+    return g.node(op, [x], axis=-1) if op == "Softmax" else g.node(op, [x])
 
 
 class _Graph:

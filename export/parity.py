@@ -8,17 +8,23 @@ collected and reported; nothing is downgraded to a warning.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from xray_edge.backends import open_backend
 from xray_edge.classify import decide
+from xray_edge.errors import first_line
 from xray_edge.metadata import ModelInfo
 
-# Named tolerances (overridable from the command line).
-FLOAT_MAX_ABS_DIFF = 1e-4  # measured: 4e-7 LiteRT float32, 1e-7 onnxruntime
-FLOAT16_MAX_ABS_DIFF = 2e-3  # float16 weights: measured 3.4e-4 on the tests' tiny model
+# Named tolerances (overridable from the command line); measured margins: docs/export.md.
+FLOAT_MAX_ABS_DIFF = 1e-4  # float32 files differ from Keras by float rounding only
+FLOAT16_MAX_ABS_DIFF = 2e-3  # float16 weights round each weight to 11 significant bits
 INT8_MAX_ABS_DIFF = 0.05
 INT8_MAX_FLIP_RATE = 0.01  # share of parity images whose decision changes at the threshold
+
+
+GATE_KINDS = ("float", "float16", "int8")  # which gates apply to a format
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,13 @@ class ParityResult:
     mean_abs_diff: float
     flips: int
     checks: list[dict] = field(default_factory=list)  # {"gate", "limit", "value", "ok"}
+    error: str | None = None  # the runtime could not load or run the file: its message
+
+    @classmethod
+    def failed_to_run(cls, fmt: str, runtime: str, message: str) -> "ParityResult":
+        return cls(fmt, runtime, 0, float("inf"), float("inf"), 0,
+                   [{"gate": f"loads and runs in {runtime}", "limit": 0.0, "value": 1.0, "ok": False}],
+                   error=message)
 
     @property
     def passed(self) -> bool:
@@ -45,20 +58,43 @@ class ParityResult:
 
     @property
     def failed_gates(self) -> list[str]:
-        return [c["gate"] for c in self.checks if not c["ok"]] + ([] if self.n else ["no parity images"])
+        return [c["gate"] for c in self.checks if not c["ok"]] + ([] if self.n or self.error else ["no parity images"])
 
     def to_dict(self) -> dict:
-        return {"runtime": self.runtime, "images": self.n, "max_abs_diff": self.max_abs_diff,
-                "mean_abs_diff": self.mean_abs_diff, "decision_flips": self.flips,
-                "flip_rate": self.flips / self.n if self.n else None,
-                "gates": self.checks, "passed": self.passed}
+        d = {"runtime": self.runtime, "images": self.n, "max_abs_diff": _finite(self.max_abs_diff),
+             "mean_abs_diff": _finite(self.mean_abs_diff), "decision_flips": self.flips,
+             "flip_rate": self.flips / self.n if self.n else None,
+             "gates": self.checks, "passed": self.passed}
+        if self.error:
+            d["error"] = self.error
+        return d
 
     def line(self) -> str:
         mark = "✓" if self.passed else "✗"
+        if self.error:
+            return f"{mark} {self.format:<8} {self.runtime:<12} does not load or run: {self.error}"
         gates = ", ".join(f"{c['gate']} {c['value']:.3g} {'<=' if c['ok'] else '>'} {c['limit']:.3g}"
                           for c in self.checks)
         return (f"{mark} {self.format:<8} {self.runtime:<12} n={self.n:<4} max|Δp|={self.max_abs_diff:.2e} "
                 f"flips={self.flips}  [{gates}]")
+
+
+def prove(fmt: str, runtime: str, path: Path, reference: np.ndarray, images: np.ndarray,
+          info: ModelInfo, gate_kind: str, gates: Gates) -> tuple[ParityResult, object | None]:
+    """Load `path` in the edge runtime, run the parity images, compare with Keras' `reference`.
+
+    A file the runtime refuses at load or at run time is a failed result carrying the runtime's
+    message, never an exception: it is one more way for a file to be refused.
+
+    Returns:
+        The result, and the loaded backend (None when it did not load or run).
+    """
+    try:
+        backend = open_backend(path, runtime)
+        candidate = predict_each(backend, images)
+    except Exception as exc:  # noqa: BLE001 - any runtime error means the file is refused
+        return ParityResult.failed_to_run(fmt, runtime, first_line(exc)), None
+    return compare(fmt, runtime, reference, candidate, info, gate_kind, gates), backend
 
 
 def predict_each(backend, images: np.ndarray) -> np.ndarray:
@@ -67,10 +103,10 @@ def predict_each(backend, images: np.ndarray) -> np.ndarray:
 
 
 def compare(fmt: str, runtime: str, reference: np.ndarray, candidate: np.ndarray,
-            info: ModelInfo, precision: str, gates: Gates = Gates()) -> ParityResult:
-    """Compare [N, K] probabilities with Keras's; apply the gates of `precision`.
+            info: ModelInfo, gate_kind: str, gates: Gates = Gates()) -> ParityResult:
+    """Compare [N, K] probabilities with Keras's; apply the gates of `gate_kind`.
 
-    precision: "float" (max |Δp| only), "float16" or "int8" (max |Δp| and decision flip rate).
+    gate_kind: "float" (max |Δp| only), "float16" or "int8" (max |Δp| and decision flip rate).
     """
     if reference.shape != candidate.shape:
         return ParityResult(fmt, runtime, len(reference), float("inf"), float("inf"), len(reference),
@@ -82,15 +118,19 @@ def compare(fmt: str, runtime: str, reference: np.ndarray, candidate: np.ndarray
     flips = sum(decide(r, info, info.threshold)[0] != decide(c, info, info.threshold)[0]
                 for r, c in zip(reference, candidate))
     n = len(reference)
-    if precision == "float":
+    if gate_kind == "float":
         checks = [_check("max|Δp|", gates.float_max_abs_diff, max_d)]
     else:
-        atol = gates.int8_max_abs_diff if precision == "int8" else gates.float16_max_abs_diff
+        atol = gates.int8_max_abs_diff if gate_kind == "int8" else gates.float16_max_abs_diff
         checks = [_check("max|Δp|", atol, max_d),
                   _check("flip rate", gates.int8_max_flip_rate, flips / n if n else 0.0)]
     if not np.all(np.isfinite(candidate)):
         checks.append({"gate": "finite outputs", "limit": 0.0, "value": 1.0, "ok": False})
     return ParityResult(fmt, runtime, n, max_d, mean_d, int(flips), checks)
+
+
+def _finite(x: float) -> float | None:
+    return x if np.isfinite(x) else None  # JSON has no infinity
 
 
 def _check(gate: str, limit: float, value: float) -> dict:

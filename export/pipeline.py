@@ -1,58 +1,42 @@
-"""Where a model becomes files: convert each format, prove it, then name it and list it.
+"""Where a model becomes files: check it, convert each format, prove each file, publish the set.
 
-For every format: convert to bytes, embed the metadata, write under a temporary name, load it in
-the runtime the device uses, compare with Keras on held-out real images, and only if every gate
-passes rename it to its final name. Then the manifest is written, also atomically.
+The steps, each timed and named in any error:
+1. load the Keras model and what training recorded beside it;
+2. check that every requested format can be made from it (`model_check`), before converting;
+3. choose the operating point, load the calibration and parity images, run Keras on the latter;
+4. convert every format into a staging folder (`staging`);
+5. prove every staged file in the runtime the device uses, against Keras on held-out images;
+6. only if every file passed: publish the set, manifest last. Otherwise nothing changes.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime as dt
 import importlib.metadata
-import os
 import platform
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from xray_edge import __version__
-from xray_edge.backends import open_backend
 from xray_edge.errors import XrayEdgeError, first_line
-from xray_edge.files import atomic_write_bytes, sha256_file
-from xray_edge.manifest import FileEntry, Manifest, write_manifest
-from xray_edge.metadata import ModelInfo, read_keras_metadata, tflite_with_metadata
+from xray_edge.files import sha256_file
+from xray_edge.manifest import FileEntry, Manifest
+from xray_edge.metadata import ModelInfo, read_keras_metadata
 from xray_edge.preprocess import Preprocessing, load_images
 from xray_edge.training_record import TrainingRecord
 from xray_edge.export import calibration, parity
+from xray_edge.export.formats import DEFAULT_FILE_ORDER, DEFAULT_FORMATS, FORMATS, Format, ModelSource
+from xray_edge.export.model_check import check_model
 from xray_edge.export.operating_point import DEFAULT_TARGET_SENSITIVITY, choose_threshold
+from xray_edge.export.staging import Staging
 
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    file: str
-    runtime: str  # the edge backend that proves it
-    precision: str  # which parity gates apply: float, float16 or int8
-    description: str
-
-    @property
-    def quantized(self) -> bool:
-        return self.precision == "int8"
-
-
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("float32", "xray_float32.tflite", "litert", "float", "TFLite float32, builtin ops"),
-    Format("int8", "xray_int8.tflite", "litert", "int8", "TFLite full-integer int8, uint8 input"),
-    Format("onnx", "xray.onnx", "onnxruntime", "float", "ONNX float32, dynamic batch"),
-    Format("float16", "xray_float16.tflite", "litert", "float16", "TFLite float16 weights"),
-    Format("onnx-int8", "xray_int8.onnx", "onnxruntime", "int8",
-           "ONNX static int8 (QDQ): uint8 activations, int8 per-channel weights"),
-)}
-DEFAULT_FORMATS = ("float32", "int8", "onnx")
+__all__ = ["DEFAULT_FORMATS", "FORMATS", "ExportConfig", "ExportFailed", "ExportResult", "run_export"]
 
 
 @dataclass
@@ -61,152 +45,231 @@ class ExportConfig:
     out: Path
     formats: tuple[str, ...] = DEFAULT_FORMATS
     data: Path | None = None  # images for calibration/parity when there is no training.json
-    calibration_size: int = 100  # ~63 ms each in the int8 converter on 2 cores
+    calibration_size: int = 100
     parity_size: int = 200
     seed: int = 0
     threshold: float | None = None  # None: chosen on validation for target_sensitivity
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     gates: parity.Gates = field(default_factory=parity.Gates)
-    # Hook for tests: lets a test corrupt a converted file before it is proven.
+    # Hooks for tests: corrupt a converted file before it is proven; interrupt the export
+    # before a step ("convert onnx", "place manifest.json", ...).
     tamper: Callable[[str, bytes], bytes] | None = None
+    on_step: Callable[[str], None] | None = None
+
+
+class ExportFailed(XrayEdgeError):
+    """A step of the export failed. The message names the step.
+
+    `partial` is True only when publishing itself failed between two renames: then the folder
+    may hold new model files beside the old manifest, which the runner refuses (export again).
+    Otherwise nothing was published."""
+
+    def __init__(self, message: str, partial: bool = False):
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass
 class ExportResult:
-    manifest: Manifest
+    manifest: Manifest  # published only when `passed`
     results: list[parity.ParityResult]
-    timings: dict
+    timings: dict[str, float]  # seconds per step, and "total"
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        return bool(self.results) and all(r.passed for r in self.results)
+
+
+@dataclass
+class _Source:
+    """What the export knows about the Keras model before converting it."""
+
+    model: object
+    record: TrainingRecord | None
+    info: ModelInfo  # labels, threshold, preprocessing
+    operating_point: dict
+    sha256: str
+    sigmoid: bool  # one sigmoid unit (else a softmax over the labels)
 
 
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportResult:
-    """Convert, prove and write every requested format; see the module docstring.
+    """Convert, prove and publish every requested format; see the module docstring.
+
+    Returns:
+        The result; `passed` is False when a file failed its gates (then nothing was published).
 
     Raises:
-        XrayEdgeError: bad configuration or inputs (before anything is written).
-        A failed parity gate is not an exception: check `ExportResult.passed` (the CLI exits 1).
+        XrayEdgeError: a bad configuration, found before anything is read or written.
+        ExportFailed: a step failed (its name and the reason in one line); nothing was published.
     """
+    formats = _formats(cfg)
+    steps = _Steps(log, cfg.on_step)
+    with steps("load model"):
+        model = _load_keras(cfg.model)
+        record = TrainingRecord.read(cfg.model.parent)
+        meta = read_keras_metadata(cfg.model)
+        spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
+    with steps("check model"):
+        check_model(model, spec, [f.name for f in formats])
+    with steps("operating point"):
+        src = _describe(cfg, model, record, meta, spec)
+        log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
+    with steps("images and Keras reference"):
+        sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
+        cal_images, par_images = _images(sets, spec, any(f.needs_calibration for f in formats), log)
+        reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
+        log(f"calibration: {len(cal_images)} images; parity: {len(par_images)} held-out images ({sets.source})")
+
+    with steps("open staging folder"):
+        stage = Staging(cfg.out, before=cfg.on_step)
+    with stage:
+        convert_seconds = _convert_all(formats, ModelSource(model), cal_images, src, stage, steps, cfg.tamper)
+        results, files = _prove_all(formats, stage, reference, par_images, src.info, cfg.gates, steps, log)
+        files = {name: replace(e, seconds={"convert": convert_seconds[e.format], **e.seconds})
+                 for name, e in files.items()}
+        manifest = _manifest(cfg, src, files, results, len(cal_images), len(par_images), sets.source)
+        if all(r.passed for r in results):
+            try:
+                with steps("publish"):
+                    stage.publish(manifest, owned=[f.file for f in FORMATS.values()])
+            except ExportFailed as exc:
+                raise ExportFailed(str(exc), partial=bool(stage.changed)) from exc.__cause__
+        else:
+            failed = ", ".join(f"{r.format} ({'; '.join(r.failed_gates)})" for r in results if not r.passed)
+            log(f"refused: {failed}; nothing was written to {cfg.out}")
+    steps.timings["total"] = time.perf_counter() - steps.start
+    return ExportResult(manifest, results, steps.timings)
+
+
+def _convert_all(formats: list[Format], source: ModelSource, cal_images: np.ndarray, src: "_Source",
+                 stage: Staging, steps: "_Steps", tamper) -> dict[str, float]:
+    """Convert each format into the staging folder; returns seconds per format."""
+    seconds = {}
+    for fmt in formats:
+        with steps(f"convert {fmt.name}") as t:
+            data = fmt.convert(source, cal_images, _embedded(src, fmt))
+            stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
+            del data  # one file in memory at a time
+        seconds[fmt.name] = t.seconds
+    source.release()
+    return seconds
+
+
+def _prove_all(formats: list[Format], stage: Staging, reference: np.ndarray, images: np.ndarray,
+               info: ModelInfo, gates: parity.Gates, steps: "_Steps", log
+               ) -> tuple[list[parity.ParityResult], dict[str, FileEntry]]:
+    """Prove each staged file; returns every result and the manifest entries of those that passed."""
+    results, files = [], {}
+    for fmt in formats:
+        with steps(f"prove {fmt.name}") as t:
+            res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
+                                        images, info, fmt.gates, gates)
+            log(res.line())
+        results.append(res)
+        if res.passed:
+            entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
+            files[fmt.file] = replace(entry, seconds={"prove": t.seconds})
+    return results, files
+
+
+class _Steps:
+    """Names, times and logs each step; turns any failure inside one into `ExportFailed`."""
+
+    def __init__(self, log: Callable[[str], None], on_step: Callable[[str], None] | None):
+        self._log = log
+        self._on_step = on_step or (lambda name: None)
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        timer = _Timer()
+        try:
+            self._on_step(name)
+            yield timer
+        except ExportFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: name the step, one line
+            raise ExportFailed(f"{name}: {first_line(exc)}") from exc
+        timer.seconds = round(time.perf_counter() - timer.start, 2)
+        self.timings[name] = timer.seconds
+        # CPU time beside wall time: on a shared machine the ratio between runs is what holds
+        self._log(f"  {name}: {timer.seconds:.1f} s wall, {time.process_time() - timer.cpu_start:.1f} s CPU, "
+                  f"peak memory so far {_peak_gib():.2f} GiB")
+
+
+class _Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self.seconds = 0.0
+
+
+def _peak_gib() -> float:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, else KiB
+
+
+def _formats(cfg: ExportConfig) -> list[Format]:
     unknown = [f for f in cfg.formats if f not in FORMATS]
     if unknown:
         raise XrayEdgeError(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    if not cfg.formats:
+        raise XrayEdgeError(f"no format given; choose from {', '.join(FORMATS)}")
     if not cfg.model.is_file():
         raise XrayEdgeError(f"{cfg.model}: model not found; train one first (make train)")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    return [FORMATS[f] for f in dict.fromkeys(cfg.formats)]
+
+
+def _load_keras(path: Path):
     import keras
 
     try:
-        model = keras.saving.load_model(cfg.model, compile=False)
+        return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - zip, h5, deserialization errors
-        raise XrayEdgeError(f"{cfg.model}: cannot load Keras model ({first_line(exc)})") from None
-    timings["load_model"] = time.perf_counter() - t0
-    record = TrainingRecord.read(cfg.model.parent)
-    meta = read_keras_metadata(cfg.model)
+        raise XrayEdgeError(f"{path}: cannot load Keras model ({first_line(exc)})") from None
+
+
+def _describe(cfg: ExportConfig, model, record: TrainingRecord | None, meta: dict,
+              spec: Preprocessing) -> _Source:
     classes = record.classes if record else meta.get("classes")
     if not classes:
         raise XrayEdgeError(f"{cfg.model}: no class names (no training.json beside it)")
-    spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
     synthetic = record.synthetic if record else bool(meta.get("synthetic", False))
     binary = int(model.outputs[0].shape[-1]) == 1
     if cfg.threshold is not None:
-        threshold, operating_point = cfg.threshold, {"threshold": cfg.threshold, "chosen_on": "given by the user"}
+        threshold, point = cfg.threshold, {"threshold": cfg.threshold, "chosen_on": "given by the user"}
     elif binary:
-        threshold, operating_point = choose_threshold(model, record, spec, cfg.target_sensitivity)
+        threshold, point = choose_threshold(model, record, spec, cfg.target_sensitivity)
     else:
-        threshold, operating_point = None, {"threshold": None, "chosen_on": "softmax: highest probability"}
-    log(f"threshold: {threshold if threshold is None else round(threshold, 4)} ({operating_point['chosen_on']})")
+        threshold, point = None, {"threshold": None, "chosen_on": "softmax: highest probability"}
     info = ModelInfo(tuple(classes), threshold if binary else None, spec, synthetic_data=synthetic)
+    return _Source(model, record, info, point, sha256_file(cfg.model), binary)
 
-    sets = calibration.image_sets(record, cfg.data, cfg.calibration_size,
-                                  cfg.parity_size, cfg.seed)
-    t = time.perf_counter()
-    need_cal = any(FORMATS[f].quantized for f in cfg.formats)
-    cal_images = (load_images(sets.calibration, spec)[0]
-                  if need_cal else np.zeros((0, *spec.shape), np.uint8))
-    par_images, _, par_err = load_images(sets.parity, spec)
-    for e in par_err:
+
+def _images(sets: calibration.ImageSets, spec: Preprocessing, need_calibration: bool, log):
+    cal = (load_images(sets.calibration, spec)[0] if need_calibration
+           else np.zeros((0, *spec.shape), np.uint8))
+    par, _, errors = load_images(sets.parity, spec)
+    for e in errors:
         log(f"warning: skipped {e}")
-    reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
-    timings["images_and_keras_reference"] = time.perf_counter() - t
-    log(f"calibration: {len(cal_images)} images; parity: {len(par_images)} held-out images ({sets.source})")
-
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    source_sha = sha256_file(cfg.model)
-    results: list[parity.ParityResult] = []
-    files: dict[str, FileEntry] = {}
-    for name in cfg.formats:
-        fmt = FORMATS[name]
-        t = time.perf_counter()
-        embedded = {**ModelInfo(info.labels, info.threshold, spec, name, synthetic).to_dict(),
-                    "source_model_sha256": source_sha, "xray_edge_version": __version__}
-        data = _convert(fmt, model, cal_images, embedded)
-        t_conv = time.perf_counter() - t
-        if cfg.tamper:
-            data = cfg.tamper(name, data)
-        res, entry = _prove_and_place(fmt, data, cfg.out, reference, par_images, info, cfg.gates, log)
-        results.append(res)
-        if entry is not None:
-            seconds = {"convert": round(t_conv, 2), "parity": round(time.perf_counter() - t - t_conv, 2)}
-            files[fmt.file] = dataclasses.replace(entry, seconds=seconds)
-        timings[name] = time.perf_counter() - t
-
-    manifest = Manifest(
-        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        xray_edge_version=__version__,
-        labels=info.labels,
-        output=({"kind": "sigmoid", "units": 1,
-                 "meaning": f"probability of {info.labels[1]!r} (index 1); "
-                            f"{info.labels[1]!r} when p >= threshold, else {info.labels[0]!r}"}
-                if binary else
-                {"kind": "softmax", "units": len(info.labels), "meaning": "probability per label, in order"}),
-        threshold=info.threshold,
-        operating_point=operating_point,
-        positive_class=record.positive_class if record else None,
-        preprocessing=spec,
-        default=next((FORMATS[f].file for f in ("int8", "float32", "onnx", "onnx-int8", "float16")
-                      if FORMATS[f].file in files), None),
-        files=files,
-        rejected={r.format: r.to_dict() for r in results if not r.passed},
-        source_model={"file": cfg.model.name, "sha256": source_sha},
-        training={"synthetic": synthetic, "data": record.data if record else None,
-                  "classes": list(classes), "counts": record.counts if record else None},
-        calibration={"images": len(cal_images), "source": sets.source, "seed": cfg.seed},
-        parity_set={"images": int(len(par_images)), "disjoint_from_calibration": True},
-        gates=vars(cfg.gates),
-        versions=_versions(),
-    )
-    write_manifest(cfg.out, manifest)
-    timings["total"] = time.perf_counter() - t0
-    return ExportResult(manifest, results, timings)
+    return cal, par
 
 
-def _prove_and_place(fmt: Format, data: bytes, out: Path, reference: np.ndarray, images: np.ndarray,
-                     info: ModelInfo, gates: parity.Gates, log) -> tuple[parity.ParityResult, FileEntry | None]:
-    """Write `data` under a temporary name, prove it in its runtime, and only then name it.
+def _embedded(src: _Source, fmt: Format) -> dict:
+    """The metadata written inside a file, so that the file alone is enough on a device."""
+    info = replace(src.info, format=fmt.name)
+    return {**info.to_dict(), "source_model_sha256": src.sha256, "xray_edge_version": __version__}
 
-    Returns the parity result and, when it passed, the file's manifest entry.
-    """
-    final = out / fmt.file
-    tmp = out / f".{fmt.file}.unproven{final.suffix}"
-    atomic_write_bytes(tmp, data)
-    try:
-        backend = open_backend(tmp, fmt.runtime)
-        candidate = parity.predict_each(backend, images)
-        res = parity.compare(fmt.name, fmt.runtime, reference, candidate, info, fmt.precision, gates)
-        log(res.line())
-        if not res.passed:
-            log(f"  {fmt.name}: REFUSED ({'; '.join(res.failed_gates)}); not written as {final.name}")
-            final.unlink(missing_ok=True)  # an older file under this name would now be unproven
-            return res, None
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return res, FileEntry(
-        format=fmt.name, description=fmt.description, size=final.stat().st_size,
-        sha256=sha256_file(final), runtime=f"{backend.name} {backend.version}",
+
+def _file_entry(fmt: Format, path: Path, backend, res: parity.ParityResult) -> FileEntry:
+    return FileEntry(
+        format=fmt.name, description=fmt.description, size=path.stat().st_size,
+        sha256=sha256_file(path), runtime=f"{backend.name} {backend.version}",
         input={"name": backend.input_name, "dtype": str(backend.input_dtype),
                "shape": [d if isinstance(d, int) else None for d in backend.input_shape],
                "quantization": list(getattr(backend, "input_quant", ()) or []) or None},
@@ -216,21 +279,41 @@ def _prove_and_place(fmt: Format, data: bytes, out: Path, reference: np.ndarray,
     )
 
 
-def _convert(fmt: Format, model, cal_images: np.ndarray, embedded: dict) -> bytes:
-    from xray_edge.export import tflite
+def _manifest(cfg: ExportConfig, src: _Source, files: dict[str, FileEntry],
+              results: list[parity.ParityResult], n_cal: int, n_par: int, image_source: str) -> Manifest:
+    info, record = src.info, src.record
+    return Manifest(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        xray_edge_version=__version__,
+        labels=info.labels,
+        output=_output_meaning(info, src.sigmoid),
+        threshold=info.threshold,
+        operating_point=src.operating_point,
+        positive_class=record.positive_class if record else None,
+        preprocessing=info.preprocessing,
+        default=next((FORMATS[f].file for f in DEFAULT_FILE_ORDER if FORMATS[f].file in files), None),
+        files=files,
+        rejected={r.format: r.to_dict() for r in results if not r.passed},
+        source_model={"file": cfg.model.name, "sha256": src.sha256},
+        training={"synthetic": info.synthetic_data, "data": record.data if record else None,
+                  "classes": list(info.labels), "counts": record.counts if record else None},
+        calibration={"images": n_cal, "source": image_source, "seed": cfg.seed},
+        parity_set={"images": n_par, "disjoint_from_calibration": True},
+        gates=vars(cfg.gates),
+        versions=_versions(),
+    )
 
-    if fmt.name in ("onnx", "onnx-int8"):
-        from xray_edge.export.onnx import keras_to_onnx, quantize_qdq
 
-        float_model = keras_to_onnx(model, embedded)
-        return float_model if fmt.name == "onnx" else quantize_qdq(float_model, cal_images, embedded)
-    if fmt.name == "int8":
-        flat = tflite.convert_int8(model, cal_images)
-    elif fmt.name == "float16":
-        flat = tflite.convert_float16(model)
-    else:
-        flat = tflite.convert_float32(model)
-    return tflite_with_metadata(flat, embedded)
+def _output_meaning(info: ModelInfo, sigmoid: bool) -> dict:
+    if sigmoid:
+        return {"kind": "sigmoid", "units": 1,
+                "meaning": f"probability of {info.labels[1]!r} (index 1); "
+                           f"{info.labels[1]!r} when p >= threshold, else {info.labels[0]!r}"}
+    return {"kind": "softmax", "units": len(info.labels), "meaning": "probability per label, in order"}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def _versions() -> dict:
