@@ -9,6 +9,9 @@ Pixel scaling is inside the model, so no backend restates any normalization.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -22,7 +25,7 @@ FILE_KINDS = {".tflite": ("litert", "tflite"), ".onnx": ("onnxruntime",)}
 
 
 def runtime_version(backend: str) -> str | None:
-    import importlib.metadata  # 12 ms of imports: only when a version is asked for
+    import importlib.metadata  # slow to import (docs/edge.md): only when a version is asked for
 
     try:
         return importlib.metadata.version(DIST[backend])
@@ -59,12 +62,49 @@ def choose_backend(model_path: Path, requested: str = "auto") -> str:
                          + " or ".join(_hint(n) for n in fits))
 
 
-def open_backend(model_path: Path, backend: str = "auto", threads: int | None = None):
-    """Load `model_path` in a runtime and return an object with `.predict(image) -> probs`."""
+def open_backend(model_path: Path, backend: str = "auto", threads: int | None = None,
+                 content: bytes | None = None):
+    """Load a model in a runtime and return an object with `.predict(image) -> probs`.
+
+    `content` is the model file's bytes, already read (and checked against the manifest's
+    sha256) by the caller: the runtime loads those bytes, so the file cannot change in between.
+    """
     name = choose_backend(model_path, backend)
+    data = content if content is not None else _read(model_path)
     if name == "onnxruntime":
-        return OnnxBackend(model_path, threads)
-    return TFLiteBackend(model_path, name, _interpreter_class(name), threads)
+        return OnnxBackend(model_path, threads, data)
+    return TFLiteBackend(model_path, name, _interpreter_class(name), threads, data)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
+
+
+@contextmanager
+def quiet_stderr():
+    """Send C-level writes to fd 2 to a scratch file while a runtime loads.
+
+    LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" from C++ and has no Python
+    switch for it. A failed load still raises, with its message; only the print is dropped.
+    """
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _interpreter_class(name: str):
@@ -105,16 +145,24 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 class TFLiteBackend:
     """LiteRT or tflite-runtime interpreter, allocated once, invoked per image."""
 
-    def __init__(self, path: Path, name: str, interpreter_cls, threads: int | None = None):
+    def __init__(self, path: Path, name: str, interpreter_cls, threads: int | None = None,
+                 content: bytes | None = None):
         self.name = name
+        self._content = content if content is not None else _read(path)  # the runtime reads it in place
         try:
-            self._it = interpreter_cls(model_path=str(path), num_threads=threads)
-            self._it.allocate_tensors()
+            with quiet_stderr():
+                self._it = interpreter_cls(model_content=self._content, num_threads=threads)
+                self._it.allocate_tensors()
+            inputs, outputs = self._it.get_input_details(), self._it.get_output_details()
         except Exception as exc:  # noqa: BLE001 - ValueError / RuntimeError from the C++ loader
             raise ModelError(f"{path}: not a loadable TFLite model "
                              f"({first_line(exc)})") from None
-        inp, out = self._it.get_input_details()[0], self._it.get_output_details()[0]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"{path}: has {len(inputs)} inputs and {len(outputs)} outputs "
+                             "(an image classifier has one of each)")
+        inp, out = inputs[0], outputs[0]
         self.input_shape = tuple(int(d) for d in inp["shape"])
+        self.output_shape = tuple(int(d) for d in out["shape"])
         self.input_dtype = np.dtype(inp["dtype"])
         self.output_dtype = np.dtype(out["dtype"])
         self.input_quant = tuple(inp["quantization"])  # (scale, zero_point); (0.0, 0) = float
@@ -149,12 +197,17 @@ class TFLiteBackend:
         return self._it.get_tensor(self._out)[0].copy()
 
 
+# onnxruntime runs a model only on inputs of exactly its declared element type
+_ONNX_INPUT_TYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32,
+                     "tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
 class OnnxBackend:
     """onnxruntime session on the CPU provider, batch of one."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, content: bytes | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -162,15 +215,24 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = threads
         try:
-            self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(content if content is not None else _read(path), opts,
+                                              providers=["CPUExecutionProvider"])
+            inputs, outputs = self._sess.get_inputs(), self._sess.get_outputs()
+            self.metadata = dict(self._sess.get_modelmeta().custom_metadata_map)
         except Exception as exc:  # noqa: BLE001 - InvalidProtobuf, Fail, ...
             raise ModelError(f"{path}: not a loadable ONNX model "
                              f"({first_line(exc)})") from None
-        inp, out = self._sess.get_inputs()[0], self._sess.get_outputs()[0]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"{path}: has {len(inputs)} inputs and {len(outputs)} outputs "
+                             "(an image classifier has one of each)")
+        inp, out = inputs[0], outputs[0]
         self.input_name, self.output_name = inp.name, out.name
-        self.input_shape = tuple(inp.shape)
-        self.input_dtype = np.dtype(np.uint8 if "uint8" in inp.type else np.float32)
-        self.metadata = dict(self._sess.get_modelmeta().custom_metadata_map)
+        self.input_shape = tuple(inp.shape)  # symbolic dimensions are strings or None
+        self.output_shape = tuple(out.shape)
+        if inp.type not in _ONNX_INPUT_TYPES:
+            raise ModelError(f"{path}: input type {inp.type} is not supported "
+                             f"(expected {' or '.join(sorted(_ONNX_INPUT_TYPES))})")
+        self.input_dtype = np.dtype(_ONNX_INPUT_TYPES[inp.type])
 
     @cached_property
     def version(self) -> str | None:

@@ -7,8 +7,10 @@ import neither TensorFlow nor Keras; `train` and `export` import them when they 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -25,8 +27,28 @@ class ToolError(click.ClickException):
     exit_code = EXIT_USAGE
 
 
-def _fail(exc: Exception) -> ToolError:
-    return ToolError(str(exc))
+@contextmanager
+def tool_errors():
+    """The one place where the tool's own errors become a one-line message and exit 2."""
+    try:
+        yield
+    except XrayEdgeError as exc:
+        raise ToolError(str(exc)) from None
+
+
+def _probability(ctx, param, value):
+    """A probability in [0, 1]; click's FloatRange lets NaN through."""
+    if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+        raise click.BadParameter(f"{value} is not a probability between 0 and 1")
+    return value
+
+
+backend_option = click.option(
+    "--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
+    show_default=True, help="Runtime; auto picks by file type and what is installed.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(1), default=None,
+    help="Interpreter threads. Default: all cores (measured gains: docs/edge.md).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -80,7 +102,7 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from xray_edge.train.dataset import discover
 
-    try:
+    with tool_errors():
         if data is None:
             from xray_edge.train.phantom import generate_phantoms
 
@@ -89,21 +111,17 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
             data = generate_phantoms(Path("data/phantom"), n_train=phantom_size, n_test=max(2, phantom_size // 2))
             click.echo(f"no --data: using synthetic phantoms in {data}", err=True)
         discover(data)  # a bad dataset fails here, in a second, before Keras is even imported
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     try:
         from xray_edge.train.trainer import TrainConfig
         from xray_edge.train.trainer import train as run_train
     except ImportError as exc:
         raise ToolError(f"training needs the extra: pip install 'xray-edge[train]' ({exc.name} missing)") from None
-    try:
+    with tool_errors():
         cfg = TrainConfig(data=data, out=out, epochs=epochs, batch_size=batch_size,
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
                           zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
                           cache_dir=cache_dir or _default_cache_dir())
         result = run_train(cfg)
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     m = result.metrics
     if as_json:
         click.echo(json.dumps(m, indent=2))
@@ -175,15 +193,14 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
                        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), data=data,
                        calibration_size=calibration_size, parity_size=parity_size,
                        threshold=threshold, target_sensitivity=target_sensitivity, gates=gates)
-    try:
-        result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
-    except ExportFailed as exc:
-        state = ("its model files may not match its manifest (the runner refuses those): export again"
-                 if exc.partial else "was left as it was")
-        click.echo(f"error: export failed at {exc}; {cfg.out} {state}", err=True)
-        sys.exit(EXIT_SOME_FAILED)
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
+    with tool_errors():  # bad configuration: exit 2; a failed step or gate: exit 1, below
+        try:
+            result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
+        except ExportFailed as exc:
+            state = ("its model files may not match its manifest (the runner refuses those): export again"
+                     if exc.partial else "was left as it was")
+            click.echo(f"error: export failed at {exc}; {cfg.out} {state}", err=True)
+            sys.exit(EXIT_SOME_FAILED)
     if as_json:
         click.echo(json.dumps(result.manifest.to_dict(), indent=2))
     elif result.passed:
@@ -226,10 +243,8 @@ def report(artifacts, data, saliency_images, as_json):
     from xray_edge.export.report import render
     from xray_edge.export.report.build import build_report
 
-    try:
+    with tool_errors():
         rep = build_report(artifacts, data, saliency_per_class=saliency_images)
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     render.write(rep, artifacts)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
@@ -248,50 +263,61 @@ _MODEL_HELP = ("An artifacts folder with manifest.json (uses its default file, i
 @click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
 @click.option("--file", "file_name", default=None,
               help="Which file of the artifacts folder, e.g. xray_float32.tflite or xray.onnx.")
-@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
-              show_default=True, help="Runtime; auto picks by file type and what is installed.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+@backend_option
+@click.option("--threshold", type=float, default=None, callback=_probability,
               help="Override the operating point (P(labels[1]) >= threshold). Default: site.json "
                    "beside the model when it was made for this file (xray-edge calibrate), else the manifest's.")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="Interpreter threads. Default: all cores (2 threads: int8 3.8 ms vs 7.5 ms on 1).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def classify(inputs, model, file_name, backend, threshold, threads, as_json):
+@threads_option
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line, for every input: results and {path, error} records.")
+@click.option("-0", "--null", "nul", is_flag=True, help="Paths on stdin end with NUL (find -print0).")
+def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul):
     """Classify images: files, folders (recursive), globs, or - to read paths from stdin.
 
     \b
     Prints one line per image:  PATH<TAB>LABEL<TAB>PROBABILITY
+    Errors go to stderr, one line per input (and as {"path", "error"} records with --json).
     Exit codes: 0 all classified, 1 some inputs failed (the rest printed), 2 usage/model error.
 
     \b
     Examples:
       xray-edge classify scan.jpg
       xray-edge classify --model artifacts/xray.onnx scans/ --json
-      find /pacs -name '*.dcm' | xray-edge classify -
+      find /pacs -name '*.dcm' -print0 | xray-edge classify -0 -
     """
-    from xray_edge.inputs import expand_inputs
+    from xray_edge.inputs import expand_inputs, read_paths
+    from xray_edge.output import Printer
 
-    clf, loaded, threshold_source = _open_classifier(model, file_name, backend, threads, threshold)
+    with tool_errors():
+        clf, loaded, threshold_source = _open_classifier(model, file_name, backend, threads, threshold)
     if clf.info.synthetic_data:
         click.secho("warning: this model was trained on SYNTHETIC phantom data, not X-rays", fg="yellow", err=True)
-    stdin = sys.stdin if "-" in inputs else ()
+    stdin = read_paths(click.get_binary_stream("stdin"), nul) if "-" in inputs else ()
+    items = expand_inputs(inputs, stdin)
+    out = Printer(as_json, progress=_wants_progress(inputs))
+    if out.progress:
+        items = list(items)  # the bar needs the count
+        out.start(len(items))
     failed = 0
-    for item in clf.classify_paths(expand_inputs(inputs, stdin), workers=min(4, os.cpu_count() or 1)):
-        if isinstance(item, ImageError):
-            failed += 1
-            click.echo(f"error: {item}", err=True)
-            continue
-        if as_json:
-            click.echo(json.dumps({
-                "path": item.path, "label": item.label, "probability": round(item.probability, 6),
-                "scores": {k: round(v, 6) for k, v in item.scores.items()},
-                "threshold": clf.threshold, "threshold_source": threshold_source,
-                "model": str(loaded.path), "sha256": loaded.sha256,
-                "backend": clf.backend.name, "ms": {"decode": round(item.decode_ms, 2), "infer": round(item.infer_ms, 2)},
-            }))
-        else:
-            click.echo(f"{item.path}\t{item.label}\t{item.probability:.3f}")
+    with out:
+        for item in clf.classify_paths(items, workers=min(4, os.cpu_count() or 1)):
+            if isinstance(item, ImageError):
+                failed += 1
+                out.error(item.path, item.reason)
+            else:
+                out.result(item, {"threshold": clf.threshold, "threshold_source": threshold_source,
+                                  "model": os.fsdecode(loaded.path),
+                                  "sha256": loaded.sha256, "backend": clf.backend.name})
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _wants_progress(inputs) -> bool:
+    """A bar for folders, on a terminal only: never in pipes or logs."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+    return tty and any(os.path.isdir(i) for i in inputs if i != "-")
 
 
 def _open_classifier(model, file_name, backend, threads, threshold):
@@ -299,13 +325,9 @@ def _open_classifier(model, file_name, backend, threads, threshold):
     from xray_edge.model import open_model
     from xray_edge.site import resolve_threshold
 
-    try:
-        loaded = open_model(model, file_name, backend, threads or os.cpu_count())
-        threshold, source = resolve_threshold(loaded.path, loaded.sha256, loaded.info.threshold,
-                                              "manifest" if loaded.resolved.manifest else "model file",
-                                              threshold)
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
+    loaded = open_model(model, file_name, backend, threads or os.cpu_count())
+    threshold, source = resolve_threshold(loaded.path, loaded.sha256, loaded.info.threshold,
+                                          "manifest" if loaded.resolved.manifest else "model file", threshold)
     return Classifier(loaded.backend, loaded.info, threshold), loaded, source
 
 
@@ -313,15 +335,14 @@ def _open_classifier(model, file_name, backend, threads, threshold):
 @main.command()
 @click.argument("model", default="artifacts")
 @click.option("--file", "file_name", default=None, help="Which file of an artifacts folder.")
+@backend_option
 @click.option("--json", "as_json", is_flag=True)
-def info(model, file_name, as_json):
+def info(model, file_name, backend, as_json):
     """Show a model's labels, input, quantization, size, sha256 and recorded parity."""
     from xray_edge.info import describe
 
-    try:
-        d = describe(model, file_name)
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
+    with tool_errors():
+        d = describe(model, file_name, backend)
     _print_fields(d, as_json)
 
 
@@ -329,20 +350,18 @@ def info(model, file_name, as_json):
 @main.command()
 @click.argument("model", default="artifacts")
 @click.option("--file", "file_name", default=None, help="Which file of an artifacts folder.")
-@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto")
+@backend_option
 @click.option("--runs", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Image to decode in the images/s figure. Default: a generated 1024x1024 JPEG.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Interpreter threads. Default: all cores.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True)
 def bench(model, file_name, backend, runs, image, threads, as_json):
     """Time a model on this machine: load, first invoke, batch-of-one latency, images/s, memory."""
     from xray_edge.bench import run_bench
 
-    try:
+    with tool_errors():
         d = run_bench(model, file_name, backend, runs, image, threads or os.cpu_count())
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     _print_fields(d, as_json)
 
 
@@ -360,15 +379,14 @@ def _print_fields(d: dict, as_json: bool) -> None:
 @main.command()
 @click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
 @click.option("--file", "file_name", default=None, help="Which file of the artifacts folder to calibrate.")
-@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
-              show_default=True)
+@backend_option
 @click.option("--data", "site_dir", type=click.Path(path_type=Path), required=True,
               help="This site's labelled images: DATA/<class>/* with the model's class names.")
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.95,
               show_default=True, help="Sensitivity for the disease class that the threshold must reach here.")
 @click.option("--max-ci-width", type=click.FloatRange(0, 1), default=None,
               help="Warn when a 95% interval at the new threshold is wider than this (default 0.25).")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Interpreter threads. Default: all cores.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print site.json's content.")
 def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_width, threads, as_json):
     """Choose this site's threshold on its own labelled images; write site.json beside the model.
@@ -382,11 +400,9 @@ def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_wi
     from xray_edge import site
     from xray_edge.model import open_model
 
-    try:
+    with tool_errors():
         loaded = open_model(model, file_name, backend, threads or os.cpu_count())
         rec, errors = site.calibrate_model(loaded, site_dir, target_sensitivity)
-    except XrayEdgeError as exc:
-        raise _fail(exc) from None
     for e in errors:
         click.echo(f"error: {e} (skipped)", err=True)
     path = rec.write(loaded.path.parent)
@@ -408,17 +424,16 @@ def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_wi
               help="Folder for one NAME.explain.png per image.")
 @click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
 @click.option("--file", "file_name", default=None, help="Which file of the artifacts folder.")
-@click.option("--backend", type=click.Choice(["auto", "litert", "tflite", "onnxruntime"]), default="auto",
-              show_default=True)
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+@backend_option
+@click.option("--threshold", type=float, default=None, callback=_probability,
               help="As in classify: default site.json for this file, else the manifest's.")
 @click.option("--grid", type=click.IntRange(2, 50), default=8, show_default=True,
               help="Occlusion positions per side (grid x grid + 1 invokes per image).")
 @click.option("--patch", type=click.IntRange(1), default=50, show_default=True,
               help="Side of the occluding square, in model-input pixels (200 x 200).")
-@click.option("--size", "max_side", type=click.IntRange(64, 4096), default=512, show_default=True,
+@click.option("--size", "max_side", type=click.IntRange(64, 1024), default=512, show_default=True,
               help="Longest side of the PNG's picture, in pixels (the original's aspect is kept).")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Interpreter threads. Default: all cores.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image with the grid of scores.")
 def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, max_side, threads, as_json):
     """Where the model looks: an occlusion heat map over each X-ray, as a PNG.
@@ -430,12 +445,13 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
     Exit codes as classify.
     """
     from xray_edge import explain as ex
-    from xray_edge.inputs import expand_inputs
+    from xray_edge.inputs import expand_inputs, read_paths
     from xray_edge.preprocess import load_image
 
-    clf, loaded, _ = _open_classifier(model, file_name, backend, threads, threshold)
+    with tool_errors():
+        clf, loaded, _ = _open_classifier(model, file_name, backend, threads, threshold)
     occ = ex.Occlusion(grid=grid, patch=patch)
-    stdin = sys.stdin if "-" in inputs else ()
+    stdin = read_paths(click.get_binary_stream("stdin")) if "-" in inputs else ()
     failed, used = 0, set()
     for item in expand_inputs(inputs, stdin):
         try:
@@ -455,6 +471,7 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
         else:
             click.echo(f"{item}\t{result.label}\t{result.probability:.3f}\t{path}")
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

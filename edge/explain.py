@@ -25,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from xray_edge.classify import decide
 from xray_edge.files import atomic_write_bytes
 from xray_edge.metadata import ModelInfo
-from xray_edge.preprocess import decode_image
+from xray_edge.preprocess import load_display_image
 
 FRAME = 0.15  # the outer band of each side where text, markers and borders sit
 
@@ -181,8 +181,7 @@ def captioned(picture: Image.Image, lines: list[str]) -> Image.Image:
 
 def picture(path: Path, ex: Explanation, max_side: int = 512) -> tuple[Image.Image, str]:
     """The PNG for one image: the original at its aspect (longest side `max_side`), heat, caption."""
-    original = decode_image(path, max_side).convert("L")
-    original.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    original = load_display_image(path, max_side).convert("L")
     caption = [f"{ex.label}  p={ex.probability:.3f}   frame share {frame_share(ex.pixels):.2f}",
                f"occlusion {ex.occlusion.grid}x{ex.occlusion.grid}, patch {ex.occlusion.patch} px of "
                f"{ex.pixels.shape[0]}",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from xray_edge.model import open_model
 
 
-def describe(model: str, file_name: str | None = None) -> dict:
-    loaded = open_model(model, file_name)
+def describe(model: str, file_name: str | None = None, backend: str = "auto") -> dict:
+    loaded = open_model(model, file_name, backend)
     resolved, backend, info = loaded.resolved, loaded.backend, loaded.info
     entry = resolved.entry
     out = {

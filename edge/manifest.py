@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xray_edge.errors import ModelError
+from xray_edge.errors import ModelError, first_line
 from xray_edge.files import atomic_write_json
 from xray_edge.preprocess import Preprocessing
 
@@ -120,12 +120,7 @@ class Manifest:
             raise ValueError("not a JSON object")
         if d.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"schema {d.get('schema')!r} is not {SCHEMA_VERSION}")
-        labels = d.get("labels")
-        if (not isinstance(labels, list) or len(labels) < 2
-                or not all(isinstance(x, str) and x for x in labels)):
-            raise ValueError("'labels' is not a list of two or more names")
-        if len(set(labels)) != len(labels):
-            raise ValueError("'labels' repeats a name")
+        labels = check_labels(d.get("labels"))
         files = d.get("files")
         if not isinstance(files, dict):
             raise ValueError("'files' is not an object")
@@ -136,14 +131,16 @@ class Manifest:
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         default = d.get("default")
-        if default is not None and not isinstance(default, str):
+        if default is not None and not _plain_name(default):
             raise ValueError("'default' is not a file name")
+        if not all(_plain_name(name) for name in files):
+            raise ValueError("'files' has a key that is not a file name")
         inp = d.get("input", {})
         pre = inp.get("preprocessing", {}) if isinstance(inp, dict) else None
         if not isinstance(pre, dict):
             raise ValueError("'input.preprocessing' is not an object")
         return cls(
-            labels=tuple(labels), threshold=_threshold(d.get("threshold")),
+            labels=labels, threshold=check_threshold(d.get("threshold")),
             preprocessing=Preprocessing.from_dict(pre), files=entries, default=default,
             positive_class=_opt_str(d.get("positive_class")),
             output=_dict(d, "output"), operating_point=_dict(d, "operating_point"),
@@ -164,12 +161,12 @@ def read_manifest(path: Path) -> Manifest:
         raise ModelError(f"{path}: cannot read manifest ({getattr(exc, 'strerror', None) or exc})") from None
     try:
         d = json.loads(raw)
-    except ValueError as exc:
-        raise ModelError(f"{path}: manifest is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: manifest is not valid JSON ({first_line(exc)})") from None
     try:
         return Manifest.from_dict(d)
     except (ValueError, TypeError) as exc:
-        raise ModelError(f"{path}: manifest is malformed: {exc}") from None
+        raise ModelError(f"{path}: manifest is malformed: {first_line(exc)}") from None
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
@@ -183,12 +180,28 @@ def check_digest(entry: FileEntry, model_path: Path, actual: str) -> None:
                          f"{entry.sha256[:12]}... (corrupt or replaced file)")
 
 
-def _threshold(v) -> float | None:
+def check_labels(labels) -> tuple[str, ...]:
+    """Labels as a tuple; ValueError unless a list of two or more distinct, non-empty names."""
+    if (not isinstance(labels, list) or len(labels) < 2
+            or not all(isinstance(x, str) and x for x in labels)):
+        raise ValueError("'labels' is not a list of two or more names")
+    if len(set(labels)) != len(labels):
+        raise ValueError("'labels' repeats a name")
+    return tuple(labels)
+
+
+def check_threshold(v) -> float | None:
+    """A decision threshold: None, or a finite probability in [0, 1]; ValueError otherwise."""
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
         raise ValueError(f"'threshold' {v!r} is not a probability between 0 and 1")
     return float(v)
+
+
+def _plain_name(v) -> bool:
+    """A file name inside the model folder: no folders, no NUL."""
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\0" not in v
 
 
 def _dict(d: dict, key: str) -> dict:

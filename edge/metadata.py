@@ -11,10 +11,11 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xray_edge.errors import ModelError
+from xray_edge.errors import ModelError, first_line
 from xray_edge.preprocess import DEFAULT, Preprocessing
 
 TFLITE_MEMBER = "xray_edge.json"
@@ -49,17 +50,18 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelInfo":
+        """Embedded metadata, checked by the manifest's rules; ModelError names the first problem."""
+        from xray_edge.manifest import check_labels, check_threshold
+
         try:
-            labels = tuple(str(x) for x in d["labels"])
-            threshold = d.get("threshold", 0.5)
+            labels = check_labels(d.get("labels"))
+            threshold = check_threshold(d.get("threshold", 0.5))
             pre = Preprocessing.from_dict(d.get("preprocessing", {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"model metadata is malformed: {exc}") from None
-        if len(labels) < 2:
-            raise ModelError("model metadata lists fewer than two labels")
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model metadata is malformed: {first_line(exc)}") from None
         known = {"labels", "threshold", "preprocessing", "format", "synthetic_data"}
-        return cls(labels=labels, threshold=None if threshold is None else float(threshold),
-                   preprocessing=pre, format=str(d.get("format", "")),
+        return cls(labels=labels, threshold=threshold, preprocessing=pre,
+                   format=str(d.get("format", "")),
                    synthetic_data=bool(d.get("synthetic_data", False)),
                    extra={k: v for k, v in d.items() if k not in known})
 
@@ -72,13 +74,17 @@ def tflite_with_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     return flatbuffer + buf.getvalue()
 
 
-def read_tflite_metadata(path: Path) -> dict | None:
-    """The dict appended by `tflite_with_metadata`, or None if the file has none."""
+def read_tflite_metadata(path: Path, data: bytes | None = None) -> dict | None:
+    """The dict appended by `tflite_with_metadata`, or None if the file has none.
+
+    `data`: the file's bytes when already read (then `path` only names it in errors).
+    """
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as z:
             raw = z.read(TFLITE_MEMBER)
-    except (zipfile.BadZipFile, KeyError, OSError):
-        return None
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, EOFError, RuntimeError,
+            NotImplementedError, zlib.error):
+        return None  # no readable archive appended: the file has no metadata
     return _parse(raw, path)
 
 

@@ -91,3 +91,59 @@ def test_not_a_dicom_with_dcm_suffix(tmp_path):
     p.write_bytes(b"hello")
     with pytest.raises(ImageError, match="DICOM"):
         load_image(p)
+
+
+# ---------------------------------------------------------------- hostile DICOM (issue #11)
+@pytest.mark.parametrize("tags", [{"WindowCenter": "abc", "WindowWidth": "100"},
+                                  {"RescaleSlope": "x1"}, {"RescaleIntercept": "nan"}])
+def test_non_numeric_grey_level_tags_are_image_errors(tmp_path, tags):
+    p = write_dicom(tmp_path / "odd.dcm", ramp())
+    ds = pydicom.dcmread(p)
+    for k, v in tags.items():
+        ds.add_new(pydicom.datadict.tag_for_keyword(k), "LO", v)  # a value no viewer would write
+    ds.save_as(p)
+    with pytest.raises(ImageError, match="not a (finite )?number") as info:
+        load_image(p)
+    assert str(p) in str(info.value)
+
+
+def test_one_pixel_dicom_is_refused_like_other_images(tmp_path):
+    with pytest.raises(ImageError, match="too small"):
+        load_image(write_dicom(tmp_path / "dot.dcm", np.zeros((1, 1), np.uint16)))
+
+
+def test_oversized_dicom_is_refused_from_its_header(tmp_path):
+    p = write_dicom(tmp_path / "huge.dcm", ramp(16, 16))
+    ds = pydicom.dcmread(p)
+    ds.Rows, ds.Columns = 12000, 12000  # the pixel data is 16x16: only the header is read
+    ds.save_as(p)
+    with pytest.raises(ImageError, match="over the .* limit"):
+        load_image(p)
+
+
+def test_deflated_dicom_bomb_is_refused_before_inflating(tmp_path):
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    side = 12000  # 288 MB of pixels from a file of a few hundred KB
+    head = write_dicom(tmp_path / "head.dcm", ramp(16, 16))
+    ds = pydicom.dcmread(head)
+    del ds.PixelData
+    ds.Rows = ds.Columns = side
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "meta.dcm", enforce_file_format=True)
+    raw = (tmp_path / "meta.dcm").read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    body = zlib.decompress(raw[meta_end:], -zlib.MAX_WBITS)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [packer.compress(body + b"\xe0\x7f\x10\x00OW\x00\x00" + (side * side * 2).to_bytes(4, "little"))]
+    zeros = bytes(1 << 22)
+    for _ in range(side * side * 2 // len(zeros)):
+        parts.append(packer.compress(zeros))
+    parts.append(packer.compress(bytes(side * side * 2 % len(zeros))) + packer.flush())
+    p = tmp_path / "bomb.dcm"
+    p.write_bytes(raw[:meta_end] + b"".join(parts))
+    assert p.stat().st_size < 1_000_000
+    with pytest.raises(ImageError, match="decompression bomb|over the .* limit"):
+        load_image(p)

@@ -173,3 +173,82 @@ def test_unreadable_file():
         pytest.skip("the unprivileged user cannot reach the test folder")
     assert out.returncode == 3, out.stderr
     assert "permission denied" in out.stdout
+
+
+# ---------------------------------------------------------------- hostile files (issue #11)
+def test_postscript_named_like_a_jpeg_is_refused_by_name(tmp_path):
+    p = tmp_path / "scan.jpg"  # never handed to Ghostscript, whether or not it is installed
+    p.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 300\nshowpage\n")
+    with pytest.raises(ImageError, match="EPS files are not accepted"):
+        load_image(p)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("PCX", ".pcx"), ("TGA", ".tga"), ("PPM", ".ppm")])
+def test_formats_outside_the_allow_list_are_refused(tmp_path, fmt, suffix):
+    p = save(Image.fromarray(gradient()), tmp_path / f"x{suffix}", format=fmt)
+    with pytest.raises(ImageError, match="not accepted|not a recognised"):
+        load_image(p)
+
+
+def test_16bit_grey_png_with_transparency_chunk_is_not_clipped(tmp_path):
+    data = (gradient().astype(np.uint32) * 4095 // 255).astype(np.uint16)
+    plain = save(Image.fromarray(data), tmp_path / "plain.png")
+    trns = save(Image.fromarray(data), tmp_path / "trns.png", transparency=65000)  # a tRNS chunk
+    assert "transparency" in Image.open(trns).info
+    assert np.array_equal(load_image(trns), load_image(plain))
+
+
+def _peak_rss_mb(code: str) -> float:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport resource\n"
+                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def test_largest_allowed_16bit_png_decodes_in_bounded_memory(tmp_path):
+    side = int(MAX_PIXELS ** 0.5)  # 7999 x 7999: the worst image under the limit
+    p = tmp_path / "big16.png"
+    Image.new("I;16", (side, side), 3000).save(p)
+    code = f"from xray_edge.preprocess import load_image\nx = load_image({str(p)!r})"
+    base = _peak_rss_mb("from xray_edge.preprocess import load_image")
+    # the decoded 16-bit image (2 bytes/px) and its 8-bit copy; before: int64 and float64 copies
+    assert _peak_rss_mb(code) - base < 3.5 * side * side / 2**20
+
+
+def test_pixel_budget_never_admits_more_than_its_capacity():
+    import threading
+    import time
+
+    from xray_edge.preprocess import PixelBudget
+
+    budget, lock, now, peak = PixelBudget(100), threading.Lock(), [0], [0]
+
+    def work(w):
+        with budget.hold(w):
+            with lock:
+                now[0] += min(w, 100)
+                peak[0] = max(peak[0], now[0])
+            time.sleep(0.01)
+            with lock:
+                now[0] -= min(w, 100)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in (60, 60, 250, 10, 30, 60, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads) and 0 < peak[0] <= 100
+
+
+@pytest.mark.parametrize("bad", [{"size": "200"}, {"size": 4}, {"size": 100000}, {"channels": 1},
+                                 {"channels": 4}, {"resample": "lanczos"}, {"resample": ["x"]},
+                                 {"dtype": "float32"}, {"version": "0"}, {"size": True}])
+def test_preprocessing_values_the_runner_cannot_honour_are_refused(bad):
+    with pytest.raises(ValueError, match="preprocessing"):
+        Preprocessing.from_dict({**Preprocessing().to_dict(), **bad})
+    assert Preprocessing.from_dict(Preprocessing().to_dict()) == Preprocessing()
+
+
+def test_name_too_long_and_unreachable_folder_are_image_errors(tmp_path):
+    with pytest.raises(ImageError, match="cannot open"):
+        load_image(tmp_path / ("x" * 300 + ".png"))
