@@ -286,8 +286,10 @@ def format_files_table(manifest) -> str:
               default=Path("artifacts"), show_default=True, help="Folder with manifest.json and model.keras.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Test images as DATA/<class>/* or DATA/test/<class>/*. Default: the training's test split.")
+@click.option("--saliency-images", type=click.IntRange(0), default=4, show_default=True,
+              help="Test images per class on the saliency page (Grad-CAM and occlusion); 0 skips it.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
-def report(artifacts, data, as_json):
+def report(artifacts, data, saliency_images, as_json):
     """Measure every exported format on the same test images; write report.md, report.json, plots.
 
     One row per format, Keras first: size, load time, batch-of-one latency, max |Δp| and flips vs
@@ -299,7 +301,7 @@ def report(artifacts, data, as_json):
     from xray_edge.export.report.build import build_report
 
     with tool_errors():
-        rep = build_report(artifacts, data)
+        rep = build_report(artifacts, data, saliency_per_class=saliency_images)
     render.write(rep, artifacts)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
@@ -320,7 +322,8 @@ _MODEL_HELP = ("An artifacts folder with manifest.json (uses its default file, i
               help="Which file of the artifacts folder, e.g. xray_float32.tflite or xray.onnx.")
 @backend_option
 @click.option("--threshold", type=float, default=None, callback=_probability,
-              help="Override the manifest's operating point (P(labels[1]) >= threshold).")
+              help="Override the operating point (P(labels[1]) >= threshold). Default: site.json "
+                   "beside the model when it was made for this file (xray-edge calibrate), else the manifest's.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per line, for every input: results and {path, error} records.")
@@ -343,7 +346,7 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul
     from xray_edge.output import Printer
 
     with tool_errors():
-        clf, loaded = _open_classifier(model, file_name, backend, threads, threshold)
+        clf, loaded, threshold_source = _open_classifier(model, file_name, backend, threads, threshold)
     if clf.info.synthetic_data:
         click.secho("warning: this model was trained on SYNTHETIC phantom data, not X-rays", fg="yellow", err=True)
     stdin = read_paths(click.get_binary_stream("stdin"), nul) if "-" in inputs else ()
@@ -359,7 +362,8 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul
                 failed += 1
                 out.error(item.path, item.reason)
             else:
-                out.result(item, {"threshold": clf.threshold, "model": os.fsdecode(loaded.path),
+                out.result(item, {"threshold": clf.threshold, "threshold_source": threshold_source,
+                                  "model": os.fsdecode(loaded.path),
                                   "sha256": loaded.sha256, "backend": clf.backend.name})
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
 
@@ -376,9 +380,12 @@ def _wants_progress(inputs) -> bool:
 def _open_classifier(model, file_name, backend, threads, threshold):
     from xray_edge.classify import Classifier
     from xray_edge.model import open_model
+    from xray_edge.site import resolve_threshold
 
     loaded = open_model(model, file_name, backend, threads or os.cpu_count())
-    return Classifier(loaded.backend, loaded.info, threshold), loaded
+    threshold, source = resolve_threshold(loaded.path, loaded.sha256, loaded.info.threshold,
+                                          "manifest" if loaded.resolved.manifest else "model file", threshold)
+    return Classifier(loaded.backend, loaded.info, threshold), loaded, source
 
 
 # --------------------------------------------------------------------------- info
@@ -423,6 +430,104 @@ def _print_fields(d: dict, as_json: bool) -> None:
     width = max(map(len, d)) + 2
     for k, v in d.items():
         click.echo(f"{k:<{width}}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+# --------------------------------------------------------------------------- calibrate
+@main.command()
+@click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
+@click.option("--file", "file_name", default=None, help="Which file of the artifacts folder to calibrate.")
+@backend_option
+@click.option("--data", "site_dir", type=click.Path(path_type=Path), required=True,
+              help="This site's labelled images: DATA/<class>/* with the model's class names.")
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+              show_default=True, help="Sensitivity for the disease class that the threshold must reach here.")
+@click.option("--max-ci-width", type=click.FloatRange(0, 1), default=None,
+              help="Warn when a 95% interval at the new threshold is wider than this (default 0.25).")
+@threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print site.json's content.")
+def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_width, threads, as_json):
+    """Choose this site's threshold on its own labelled images; write site.json beside the model.
+
+    Classifies DATA/<class>/* with the model file classify would use, chooses the threshold with
+    export's rule (the target sensitivity for the disease class) and prints sensitivity and
+    specificity, with 95% Wilson intervals, at the previous and the new threshold. classify then
+    uses site.json for this file (and refuses it for any other); the model files and manifest.json
+    are not changed.
+    """
+    from xray_edge import site
+    from xray_edge.model import open_model
+
+    with tool_errors():
+        loaded = open_model(model, file_name, backend, threads or os.cpu_count())
+        rec, errors = site.calibrate_model(loaded, site_dir, target_sensitivity)
+    for e in errors:
+        click.echo(f"error: {e} (skipped)", err=True)
+    path = rec.write(loaded.path.parent)
+    if as_json:
+        click.echo(json.dumps(rec.to_dict(), indent=2))
+    else:
+        click.echo(site.summary(rec))
+        click.echo(f"wrote {path} (for {rec.model_file}, sha256 {rec.model_sha256[:12]}...)")
+    width = site.DEFAULT_MAX_CI_WIDTH if max_ci_width is None else max_ci_width
+    for w in site.wide_intervals(rec.figures, width):
+        click.echo(f"warning: wide 95% interval at the site threshold: {w} (wider than {width}); "
+                   "more images per class narrow it", err=True)
+    sys.exit(EXIT_SOME_FAILED if errors else EXIT_OK)
+
+# --------------------------------------------------------------------------- explain
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for one NAME.explain.png per image.")
+@click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
+@click.option("--file", "file_name", default=None, help="Which file of the artifacts folder.")
+@backend_option
+@click.option("--threshold", type=float, default=None, callback=_probability,
+              help="As in classify: default site.json for this file, else the manifest's.")
+@click.option("--grid", type=click.IntRange(2, 50), default=8, show_default=True,
+              help="Occlusion positions per side (grid x grid + 1 invokes per image).")
+@click.option("--patch", type=click.IntRange(1), default=50, show_default=True,
+              help="Side of the occluding square, in model-input pixels (200 x 200).")
+@click.option("--size", "max_side", type=click.IntRange(64, 1024), default=512, show_default=True,
+              help="Longest side of the PNG's picture, in pixels (the original's aspect is kept).")
+@threads_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image with the grid of scores.")
+def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, max_side, threads, as_json):
+    """Where the model looks: an occlusion heat map over each X-ray, as a PNG.
+
+    Each patch of the model's input is covered in turn with the image's mean grey and the image
+    classified again (batch of one, the runtime classify uses, any format); bright regions are
+    those whose loss lowers the probability of the label given. The picture keeps the original
+    file's aspect; the caption gives label, probability and the frame share (see README).
+    Exit codes as classify.
+    """
+    from xray_edge import explain as ex
+    from xray_edge.inputs import expand_inputs, read_paths
+    from xray_edge.preprocess import load_image
+
+    with tool_errors():
+        clf, loaded, _ = _open_classifier(model, file_name, backend, threads, threshold)
+    occ = ex.Occlusion(grid=grid, patch=patch)
+    stdin = read_paths(click.get_binary_stream("stdin")) if "-" in inputs else ()
+    failed, used = 0, set()
+    for item in expand_inputs(inputs, stdin):
+        try:
+            if isinstance(item, ImageError):
+                raise item
+            image = load_image(item, clf.info.preprocessing)
+            result = ex.explain_image(image, clf.backend.predict, clf.info.labels, clf.threshold, occ)
+            pic, caption = ex.picture(item, result, max_side)
+            path = ex.write_png(pic, out_dir / ex.out_name(Path(item), used), caption, result)
+        except ImageError as err:
+            failed += 1
+            click.echo(f"error: {err}", err=True)
+            continue
+        if as_json:
+            click.echo(json.dumps({"path": str(item), "png": str(path), **result.to_dict(),
+                                   "model": str(loaded.path), "threshold": clf.threshold}))
+        else:
+            click.echo(f"{item}\t{result.label}\t{result.probability:.3f}\t{path}")
+    sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
 
 
 if __name__ == "__main__":  # pragma: no cover

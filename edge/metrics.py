@@ -121,3 +121,21 @@ def threshold_for_sensitivity(y_true: np.ndarray, pos_score: np.ndarray, target:
     edge = float(pos[k - 1])
     below = s[s < edge]
     return (edge + float(below.max())) / 2 if len(below) else edge / 2
+
+
+def output_threshold_for_sensitivity(y_pos: np.ndarray, probs: np.ndarray, pos: int,
+                                     target: float) -> float:
+    """`threshold_for_sensitivity`, expressed on the model's output P(labels[1]).
+
+    The one rule behind export's operating point and `xray-edge calibrate`. The runner calls
+    labels[1] when P(labels[1]) >= threshold; when the positive class is labels[0], "score >= t"
+    is "P(labels[1]) <= 1 - t", and the midpoint rule keeps every case off the boundary.
+
+    Args:
+        y_pos: True where the case is of the positive (disease) class.
+        probs: the model's [N, 1] sigmoid outputs.
+        pos: index of the positive class (0 or 1).
+        target: sensitivity the threshold must reach on these cases.
+    """
+    t_pos = threshold_for_sensitivity(y_pos, positive_score(probs, pos), target)
+    return float(t_pos if pos == 1 else 1.0 - t_pos)

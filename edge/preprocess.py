@@ -197,6 +197,31 @@ def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.nda
     return np.ascontiguousarray(arr)
 
 
+def load_display_image(path: str | os.PathLike, max_side: int = 512) -> Image.Image:
+    """The file as 8-bit L or RGB at its own aspect ratio, longest side at most `max_side`.
+
+    For pictures of an image (xray-edge explain), never for the model: that is `load_image`.
+    The same checks, decoders and memory budget as `load_image`. Raises ImageError.
+    """
+    p = Path(path)
+    _check_file(p)
+
+    def fit(img: Image.Image) -> Image.Image:
+        if img.mode not in ("L", "RGB"):
+            raise ImageError(p, f"unsupported pixel mode {img.mode}")  # pragma: no cover - defensive
+        w, h = img.size
+        scale = min(1.0, max_side / max(w, h))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)  # a new image, never in place
+
+    suffix = p.suffix.lower()
+    if suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_preamble(p)):
+        from xray_edge.dicom import read_dicom
+
+        return read_dicom(p, check_size, DECODE_BUDGET, lambda grey: fit(Image.fromarray(grey)))
+    return _read_pillow(p, Preprocessing(size=max_side), fit)
+
+
 def _shrink(p: Path, img: Image.Image, spec: Preprocessing) -> Image.Image:
     """8-bit L/RGB at full size -> the model's size; run inside the decode budget."""
     if img.mode not in ("L", "RGB"):
@@ -255,8 +280,11 @@ def _format_name(p: Path) -> str | None:
     return None
 
 
-def _read_pillow(p: Path, spec: Preprocessing) -> Image.Image:
-    """Open with Pillow and reduce to 8-bit L or RGB; every decoder failure becomes ImageError."""
+def _read_pillow(p: Path, spec: Preprocessing, shrink=None) -> Image.Image:
+    """Open with Pillow and reduce to 8-bit L or RGB; every decoder failure becomes ImageError.
+
+    `shrink(image)` replaces the resize to the model's square input (pictures keep their aspect).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bomb and corrupt-EXIF warnings: we decide, not stderr
@@ -270,7 +298,8 @@ def _read_pillow(p: Path, spec: Preprocessing) -> Image.Image:
                     im.load()
                     turn = _ORIENTATION.get(im.getexif().get(0x0112))
                     out = _to_8bit(im)  # pixel-wise, so it commutes with the turn below
-                    small = _shrink(p, out.transpose(turn) if turn is not None else out, spec)
+                    upright = out.transpose(turn) if turn is not None else out
+                    small = shrink(upright) if shrink is not None else _shrink(p, upright, spec)
                     # free the full-size pixels before the next large decode may start
                     del out
                     im.close()

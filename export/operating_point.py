@@ -32,9 +32,8 @@ def choose_threshold(model, record: TrainingRecord | None, spec: Preprocessing,
         return 0.5, {"threshold": 0.5, "chosen_on": "default 0.5 (validation split lacks a class)"}
     probs = np.asarray(model.predict(images, batch_size=16, verbose=0), dtype=np.float64)
     score = metrics.positive_score(probs, pos)
-    t_pos = metrics.threshold_for_sensitivity(y, score, target)
-    # positive when score >= t_pos; the runner says labels[1] when p1 >= threshold
-    threshold = t_pos if pos == 1 else 1.0 - t_pos
+    threshold = metrics.output_threshold_for_sensitivity(y, probs, pos, target)  # as calibrate
+    t_pos = threshold if pos == 1 else 1.0 - threshold
     rep = metrics.binary_report(y, score, t_pos)
     return float(threshold), {
         "threshold": float(threshold),

@@ -22,8 +22,27 @@ CLASSES = ("COVID19", "NORMAL")  # same names and order as the tutorial's datase
 GENERATOR_VERSION = "2"
 
 
-def phantom_image(rng: np.random.Generator, opacities: bool, size: int = 256) -> np.ndarray:
-    """One grayscale phantom, uint8 (size, size)."""
+def phantom_image(rng: np.random.Generator, opacities: bool, size: int = 256,
+                  marker: bool = False) -> np.ndarray:
+    """One grayscale phantom, uint8 (size, size).
+
+    `marker` adds a bright square label in the top-left corner, like a hospital's burned-in
+    text: a planted shortcut for testing saliency (not used by the default data set).
+    """
+    return phantom_with_lungs(rng, opacities, size, marker)[0]
+
+
+def phantom_lung_mask(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """The lung fields (bool (size, size)) of the phantom that `phantom_image` draws from `rng`.
+
+    Pass a generator in the same state as the one given to phantom_image (same seed).
+    """
+    return phantom_with_lungs(rng, False, size)[1]
+
+
+def phantom_with_lungs(rng: np.random.Generator, opacities: bool, size: int = 256,
+                       marker: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(phantom uint8, lung mask bool): the ground truth of where a model ought to look."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = np.full((size, size), 25.0, np.float32)
     # torso and soft tissue
@@ -52,7 +71,10 @@ def phantom_image(rng: np.random.Generator, opacities: bool, size: int = 256) ->
             blob = np.exp(-(((xx - ox) ** 2 + (yy - oy) ** 2) / (2 * s * s)))
             img += rng.uniform(70, 110) * blob * lungs
     img += rng.normal(0, 7, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    if marker:  # after the noise draw, so the rest of the image is the unmarked phantom's
+        m = int(round(0.08 * size))
+        img[int(0.03 * size):int(0.03 * size) + m, int(0.03 * size):int(0.03 * size) + m] = 250
+    return np.clip(img, 0, 255).astype(np.uint8), lungs
 
 
 def generate_phantoms(out: Path, n_train: int = 60, n_test: int = 20, seed: int = 0,

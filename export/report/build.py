@@ -17,6 +17,7 @@ from xray_edge import metrics
 from xray_edge.backends import open_backend
 from xray_edge.classify import predicted_classes
 from xray_edge.errors import XrayEdgeError
+from xray_edge.export.report import saliency
 from xray_edge.files import sha256_file
 from xray_edge.inputs import walk_images
 from xray_edge.manifest import MANIFEST_NAME, read_manifest
@@ -85,8 +86,13 @@ def _row(m: Measured, *, ref: np.ndarray, y: np.ndarray, pos: int, thresholds: d
     return row
 
 
-def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int = 1) -> dict:
-    """Run Keras and every file of the manifest over the test images; return the report dict."""
+def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int = 1,
+                 saliency_per_class: int = saliency.PER_CLASS) -> dict:
+    """Run Keras and every file of the manifest over the test images; return the report dict.
+
+    With `saliency_per_class` > 0 it also explains that many test images of each class with
+    every format and draws artifacts/report_saliency.png (see `saliency.page`).
+    """
     manifest = read_manifest(artifacts / MANIFEST_NAME)
     classes = list(manifest.labels)
     if len(classes) != 2 or manifest.threshold is None:
@@ -127,6 +133,8 @@ def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int 
             probs.append(out)
         rows.append(_row(Measured(f"{entry.format} ({be.name} {be.version})", artifacts / name, load_s,
                                   np.asarray(probs, dtype=np.float32), lat), **common))
+    sal = saliency.page(model, manifest, artifacts, images, y, artifacts,
+                        saliency_per_class) if saliency_per_class > 0 else None
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform(terse=True)}",
         "runtimes": manifest.versions,
@@ -141,4 +149,5 @@ def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int 
         "operating_point": manifest.operating_point or {"threshold": manifest.threshold},
         "labels": y.tolist(),
         "rows": rows,
+        "saliency": sal,
     }

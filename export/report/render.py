@@ -67,6 +67,41 @@ whose decision differs from the Keras model's at the same threshold.
 - Confusion matrices: ![confusion](report_confusion.png)
 - Calibration (reliability): ![calibration](report_calibration.png)
 - Training curves: [training.png](training.png); sample images: [samples.png](samples.png)
+{saliency_section(report)}"""
+
+
+def saliency_section(report: dict) -> str:
+    """The saliency page: frame share per format and class, and the side-by-side figure."""
+    sal = report.get("saliency")
+    if not sal:
+        return ""
+    classes = report["classes"]
+    head = "| method | file | " + " | ".join(f"frame share, {c}" for c in classes) + " | frame share, all |"
+    lines = [head, "|" + "|".join(["---"] * (len(classes) + 3)) + "|"]
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    for r in sal["rows"]:
+        lines.append(f"| {r['method']} | {r['file']} | " + " | ".join(f(r["by_class"][c]) for c in classes)
+                     + f" | {f(r['frame_share'])} |")
+    occ = sal["occlusion"]
+    return f"""
+## Where the models look
+
+**Frame share**: of the positive attribution (the evidence for the label the model gives), the
+share that falls in the outer {sal['frame']:.0%} band of each side of the image, where burned-in
+text, markers and film borders sit and the lungs do not. The band is {1 - (1 - 2 * sal['frame']) ** 2:.0%}
+of the area: evenly spread attribution scores {1 - (1 - 2 * sal['frame']) ** 2:.2f}; a model that reads
+the lungs scores well below, one that reads labels or borders well above. Mean over
+{len(sal['images'])} test images (up to {sal['per_class']} per class), each explained for the label
+the model gives it. Keras: Grad-CAM on the last convolution; exported files: occlusion through
+their runtime ({occ['grid']}x{occ['grid']} positions, {occ['patch_px']} px patches of the 200 px input, filled
+with the image's mean), as `xray-edge explain` runs on a device.
+
+{chr(10).join(lines)}
+
+![saliency]({sal['figure']})
 """
 
 
