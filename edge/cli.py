@@ -61,6 +61,8 @@ def main() -> None:
       xray-edge train --data DATA        # DATA/train/<class>/*  -> artifacts/model.keras
       xray-edge export                   # -> .tflite (float32, int8), .onnx, manifest.json
       xray-edge classify scan.jpg        # on the device: no TensorFlow needed
+      xray-edge calibrate --data SITE    # this site's threshold, in site.json
+      xray-edge explain scan.jpg         # where the model looks: a heat map PNG
 
     Not a medical device: a research and engineering tool.
     """

@@ -47,3 +47,21 @@ def _umask() -> int:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json_record(path: Path, parse, error: type[Exception]):
+    """`parse(obj)` of the JSON file at `path`, or None when there is no such file.
+
+    Any other problem (unreadable, not JSON, a field `parse` refuses with ValueError or
+    TypeError) becomes `error` with a one-line message naming the file.
+    """
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: cannot read ({exc})") from None
+    try:
+        return parse(d)
+    except (ValueError, TypeError) as exc:
+        raise error(f"{path}: malformed ({exc})") from None

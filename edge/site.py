@@ -12,7 +12,6 @@ The one place that knows the file name and schema of site.json.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from xray_edge import metrics
 from xray_edge.classify import predicted_classes
 from xray_edge.errors import ModelError, XrayEdgeError
-from xray_edge.files import atomic_write_json
+from xray_edge.files import atomic_write_json, read_json_record
 from xray_edge.inputs import walk_images
 from xray_edge.preprocess import Preprocessing, load_images
 
@@ -80,17 +79,7 @@ class SiteCalibration:
     @classmethod
     def read(cls, folder: Path) -> "SiteCalibration | None":
         """The record in `folder`; None when there is none; ModelError when it is unusable."""
-        path = folder / SITE_NAME
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path}: cannot read ({exc})") from None
-        try:
-            return cls.from_dict(d)
-        except (ValueError, TypeError) as exc:
-            raise ModelError(f"{path}: malformed ({exc})") from None
+        return read_json_record(folder / SITE_NAME, cls.from_dict, ModelError)
 
 
 def resolve_threshold(model_path: Path, sha256: str, base: float | None, base_source: str,

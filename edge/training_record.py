@@ -7,12 +7,11 @@ on the test split, without the user naming folders again.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xray_edge.errors import XrayEdgeError
-from xray_edge.files import atomic_write_json
+from xray_edge.files import atomic_write_json, read_json_record
 from xray_edge.preprocess import DEFAULT, Preprocessing
 
 TRAINING_RECORD_NAME = "training.json"
@@ -95,14 +94,4 @@ class TrainingRecord:
     @classmethod
     def read(cls, folder: Path) -> "TrainingRecord | None":
         """The record in `folder`, or None when there is none; XrayEdgeError when it is unusable."""
-        path = folder / TRAINING_RECORD_NAME
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise XrayEdgeError(f"{path}: cannot read ({exc})") from None
-        try:
-            return cls.from_dict(d)
-        except (ValueError, TypeError) as exc:
-            raise XrayEdgeError(f"{path}: malformed ({exc})") from None
+        return read_json_record(folder / TRAINING_RECORD_NAME, cls.from_dict, XrayEdgeError)
