@@ -78,8 +78,8 @@ def main() -> None:
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
-              help="Adam learning rate. The tutorial used 1e-3, which has collapsed to a constant "
-                   "output on the shared real set (README: 'Why 1e-4'); 1e-4 converged in every run.")
+              help="Adam learning rate. The tutorial used 1e-3, which can collapse to a constant "
+                   "output on small real sets (docs/training.md); a collapsed run is refused.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Stratified share of train/ held out for validation (never augmented).")
 @click.option("--patience", type=click.IntRange(1), default=20, show_default=True,

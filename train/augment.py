@@ -2,9 +2,8 @@
 
 Zoom and flip of an image are separable: out = Ry @ img @ Rx^T, where Ry and Rx are bilinear
 resampling matrices (one row per output pixel, two non-zero weights). Batched, that is two
-einsums, which run at matmul speed on a GPU. (The project brief measured `keras.layers.RandomZoom`,
-a gather-based affine transform, raising a JAX epoch on an H200 from 0.14 s to 1.5 s; this layer
-has not been timed on a GPU yet.) Source coordinates are clamped, as ImageDataGenerator's default
+einsums, which run at matmul speed on a GPU, where `keras.layers.RandomZoom`'s gather-based affine
+transform is slow (figures: docs/training.md). Source coordinates are clamped, as ImageDataGenerator's default
 `fill_mode="nearest"`; zoom factors for x and y are drawn independently, as it did.
 """
 
