@@ -137,7 +137,9 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
                           zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
                           cache_dir=cache_dir or _default_cache_dir(), precision=precision,
-                          devices=devices, visible_gpus=tuple(gpus))
+                          devices=devices, visible_gpus=tuple(gpus),
+                          # Keras redraws its bar many times a step: one line per epoch in logs
+                          verbose=1 if sys.stdout.isatty() else 2)
         result = run_train(cfg, log=_log_line, progress=_ProgressBars())
     m = result.metrics
     if as_json:
