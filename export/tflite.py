@@ -19,6 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
+from xray_edge.backends import quiet_stderr
+
 INPUT_NAME = "image"
 # Images per calibration step: fewer interpreter calls for the same min/max ranges.
 CALIBRATION_BATCH = 10
@@ -79,8 +81,9 @@ def quantize_int8(float32: bytes, calibration: np.ndarray) -> bytes:
 
     calibrator = Calibrator(add_intermediate_tensors(float32))
     calibrated = calibrator.calibrate(lambda: _batches(calibration, CALIBRATION_BATCH))
-    return bytes(mlir_quantize(calibrated, disable_per_channel=False,
-                               input_data_type=tf.uint8, output_data_type=tf.uint8))
+    with quiet_stderr():  # the quantizer prints its settings from C++ on every call
+        return bytes(mlir_quantize(calibrated, disable_per_channel=False,
+                                   input_data_type=tf.uint8, output_data_type=tf.uint8))
 
 
 def _batches(images: np.ndarray, size: int) -> Iterator[list[np.ndarray]]:
