@@ -142,6 +142,14 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
 
 
+def _single_io(path: Path, inputs, outputs):
+    """The one input and one output of an image classifier; ModelError for any other count."""
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"{path}: has {len(inputs)} inputs and {len(outputs)} outputs "
+                         "(an image classifier has one of each)")
+    return inputs[0], outputs[0]
+
+
 class TFLiteBackend:
     """LiteRT or tflite-runtime interpreter, allocated once, invoked per image."""
 
@@ -157,10 +165,7 @@ class TFLiteBackend:
         except Exception as exc:  # noqa: BLE001 - ValueError / RuntimeError from the C++ loader
             raise ModelError(f"{path}: not a loadable TFLite model "
                              f"({first_line(exc)})") from None
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(f"{path}: has {len(inputs)} inputs and {len(outputs)} outputs "
-                             "(an image classifier has one of each)")
-        inp, out = inputs[0], outputs[0]
+        inp, out = _single_io(path, inputs, outputs)
         self.input_shape = tuple(int(d) for d in inp["shape"])
         self.output_shape = tuple(int(d) for d in out["shape"])
         self.input_dtype = np.dtype(inp["dtype"])
@@ -222,10 +227,7 @@ class OnnxBackend:
         except Exception as exc:  # noqa: BLE001 - InvalidProtobuf, Fail, ...
             raise ModelError(f"{path}: not a loadable ONNX model "
                              f"({first_line(exc)})") from None
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(f"{path}: has {len(inputs)} inputs and {len(outputs)} outputs "
-                             "(an image classifier has one of each)")
-        inp, out = inputs[0], outputs[0]
+        inp, out = _single_io(path, inputs, outputs)
         self.input_name, self.output_name = inp.name, out.name
         self.input_shape = tuple(inp.shape)  # symbolic dimensions are strings or None
         self.output_shape = tuple(out.shape)

@@ -48,8 +48,7 @@ class FileEntry:
         if not isinstance(d, dict):
             raise ValueError("a file entry is not an object")
         sha, size = d.get("sha256"), d.get("size", 0)
-        if not isinstance(sha, str) or len(sha) != 64:
-            raise ValueError("a file entry's sha256 is not a 64-character string")
+        check_sha256(sha, "a file entry's sha256")
         if not isinstance(size, int) or isinstance(size, bool):
             raise ValueError("a file entry's size is not an integer")
         return cls(format=_str(d.get("format", "")), sha256=sha, size=size,
@@ -188,6 +187,13 @@ def check_labels(labels) -> tuple[str, ...]:
     if len(set(labels)) != len(labels):
         raise ValueError("'labels' repeats a name")
     return tuple(labels)
+
+
+def check_sha256(v, what: str = "'sha256'") -> str:
+    """A sha256 as written by export and calibrate; ValueError otherwise."""
+    if not isinstance(v, str) or len(v) != 64:
+        raise ValueError(f"{what} is not a 64-character string")
+    return v
 
 
 def check_threshold(v) -> float | None:

@@ -23,6 +23,7 @@ from xray_edge.classify import predicted_classes
 from xray_edge.errors import ModelError, XrayEdgeError
 from xray_edge.files import atomic_write_json, read_json_record
 from xray_edge.inputs import walk_images
+from xray_edge.manifest import check_sha256, check_threshold
 from xray_edge.preprocess import Preprocessing, load_images
 
 SITE_NAME = "site.json"
@@ -62,11 +63,10 @@ class SiteCalibration:
             raise ValueError("not a JSON object")
         if d.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"schema {d.get('schema')!r} is not {SCHEMA_VERSION}")
-        sha, thr = d.get("model_sha256"), d.get("threshold")
-        if not isinstance(sha, str) or len(sha) != 64:
-            raise ValueError("'model_sha256' is not a 64-character string")
-        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
-            raise ValueError(f"'threshold' {thr!r} is not a probability between 0 and 1")
+        sha = check_sha256(d.get("model_sha256"), "'model_sha256'")
+        thr = check_threshold(d.get("threshold"))
+        if thr is None:
+            raise ValueError("'threshold' is missing")
         for key in ("rule", "counts", "figures"):
             if not isinstance(d.get(key), dict):
                 raise ValueError(f"{key!r} is not an object")
