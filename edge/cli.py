@@ -6,6 +6,7 @@ import neither TensorFlow nor Keras; `train` and `export` import them when they 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -226,9 +227,13 @@ def _default_cache_dir() -> Path:
 @click.option("--int8-atol", type=float, default=None, help="Gate: max |Δp| for int8 (default 0.05).")
 @click.option("--int8-max-flips", type=float, default=None,
               help="Gate: share of parity images whose decision may flip in int8 (default 0.01).")
+@click.option("--one-process", is_flag=True,
+              help="Quantize int8 in this process. By default a large model's int8 is made in a second "
+                   "process beside the other steps (faster on two cores or more, a second TensorFlow "
+                   "start's memory; docs/export.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model, out, formats, data, calibration_size, parity_size, threshold, target_sensitivity,
-           float_atol, int8_atol, int8_max_flips, as_json):
+           float_atol, int8_atol, int8_max_flips, one_process, as_json):
     """Convert model.keras to TFLite float32, TFLite int8 and ONNX, each proven against Keras.
 
     The model is checked first (every requested format must be able to translate it); each file
@@ -237,14 +242,13 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     manifest last; otherwise the output folder is left as it was and the command exits 1.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import keras  # noqa: F401 - the converters need both; fail here with the fix
-        import tensorflow  # noqa: F401
+    # Found, not imported: TensorFlow starts inside the export, beside its int8 process.
+    missing = [m for m in ("keras", "tensorflow", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({', '.join(missing)} missing)")
+    from xray_edge.export import parity
+    from xray_edge.export.pipeline import ExportConfig, ExportFailed, run_export
 
-        from xray_edge.export import parity
-        from xray_edge.export.pipeline import ExportConfig, ExportFailed, run_export
-    except ImportError as exc:
-        raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({exc.name} missing)") from None
     g = parity.Gates()
     gates = parity.Gates(
         float_max_abs_diff=float_atol if float_atol is not None else g.float_max_abs_diff,
@@ -253,7 +257,8 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     cfg = ExportConfig(model=model, out=out or model.parent,
                        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), data=data,
                        calibration_size=calibration_size, parity_size=parity_size,
-                       threshold=threshold, target_sensitivity=target_sensitivity, gates=gates)
+                       threshold=threshold, target_sensitivity=target_sensitivity, gates=gates,
+                       int8_process=False if one_process else None)
     with tool_errors():  # bad configuration: exit 2; a failed step or gate: exit 1, below
         try:
             result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))

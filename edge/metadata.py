@@ -69,8 +69,11 @@ class ModelInfo:
 def tflite_with_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     """Return the .tflite bytes with the metadata zip appended."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(TFLITE_MEMBER, json.dumps(meta, sort_keys=True, indent=1))
+    # a fixed date: the same model and metadata give the same bytes (and sha256) on every export
+    member = zipfile.ZipInfo(TFLITE_MEMBER, date_time=(1980, 1, 1, 0, 0, 0))
+    member.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(member, json.dumps(meta, sort_keys=True, indent=1))
     return flatbuffer + buf.getvalue()
 
 

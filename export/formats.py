@@ -15,10 +15,14 @@ class ModelSource:
     """The Keras model and the float conversions other formats start from, each made once:
     int8 TFLite quantizes the float32 flatbuffer, int8 ONNX the float ONNX graph."""
 
-    def __init__(self, model):
+    FROM_FLOAT_TFLITE = frozenset({"float32", "int8"})  # the formats made from the float32 flatbuffer
+
+    def __init__(self, model, formats: list[str]):
         self.model = model
+        self.formats = formats  # all the export makes: which conversions are worth keeping
         self._float_tflite: bytes | None = None
         self._float_onnx: bytes | None = None
+        self.seconds: dict[str, float] = {}  # conversion seconds per format, as the export times them
 
     def float_tflite(self) -> bytes:
         from xray_edge.export import tflite
@@ -36,8 +40,12 @@ class ModelSource:
         return self._float_onnx
 
     def release(self) -> None:
-        """Drop the cached conversions (hundreds of MB for the tutorial's model)."""
-        self._float_tflite = self._float_onnx = None
+        """Drop the Keras model and the cached conversions (each as large as the weights: 164 MB
+        for the tutorial's model), once every format made in this process is converted."""
+        import gc
+
+        self.model = self._float_tflite = self._float_onnx = None
+        gc.collect()  # a Keras model is held in reference cycles
 
 
 Converter = Callable[[ModelSource, np.ndarray, dict], bytes]
@@ -78,9 +86,11 @@ def _int8(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes
 
 
 def _onnx(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:
-    from xray_edge.export.onnx import with_metadata
+    from xray_edge.export.onnx import keras_to_onnx, with_metadata
 
-    return with_metadata(source.float_onnx(), metadata)
+    if "onnx-int8" in source.formats:  # starts from the same graph
+        return with_metadata(source.float_onnx(), metadata)
+    return keras_to_onnx(source.model, metadata)  # with its metadata at once: no second parse
 
 
 def _onnx_int8(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:

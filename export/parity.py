@@ -80,8 +80,11 @@ class ParityResult:
 
 
 def prove(fmt: str, runtime: str, path: Path, reference: np.ndarray, images: np.ndarray,
-          info: ModelInfo, gate_kind: str, gates: Gates) -> tuple[ParityResult, object | None]:
+          info: ModelInfo, gate_kind: str, gates: Gates, threads: int | None = None
+          ) -> tuple[ParityResult, object | None]:
     """Load `path` in the edge runtime, run the parity images, compare with Keras' `reference`.
+
+    `threads`: the runtime's threads (None: its default, all cores).
 
     A file the runtime refuses at load or at run time is a failed result carrying the runtime's
     message, never an exception: it is one more way for a file to be refused.
@@ -90,7 +93,7 @@ def prove(fmt: str, runtime: str, path: Path, reference: np.ndarray, images: np.
         The result, and the loaded backend (None when it did not load or run).
     """
     try:
-        backend = open_backend(path, runtime)
+        backend = open_backend(path, runtime, threads=threads)
         candidate = predict_each(backend, images)
     except Exception as exc:  # noqa: BLE001 - any runtime error means the file is refused
         return ParityResult.failed_to_run(fmt, runtime, first_line(exc)), None

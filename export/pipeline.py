@@ -3,9 +3,11 @@
 The steps, each timed and named in any error:
 1. load the Keras model and what training recorded beside it;
 2. check that every requested format can be made from it (`model_check`), before converting;
-3. choose the operating point, load the calibration and parity images, run Keras on the latter;
-4. convert every format into a staging folder (`staging`);
-5. prove every staged file in the runtime the device uses, against Keras on held-out images;
+3. convert float32 TFLite first: int8 starts from it, in a second process when that pays
+   (`int8_process`), and runs beside every step below until its own proof;
+4. choose the operating point, load the parity images, run Keras on them;
+5. convert the other formats; write each file into a staging folder (`staging`) and prove it in
+   the runtime the device uses, against Keras on held-out images;
 6. only if every file passed: publish the set, manifest last. Otherwise nothing changes.
 """
 
@@ -27,10 +29,10 @@ from xray_edge import __version__
 from xray_edge.errors import XrayEdgeError, first_line
 from xray_edge.files import sha256_file
 from xray_edge.manifest import FileEntry, Manifest
-from xray_edge.metadata import ModelInfo, read_keras_metadata
+from xray_edge.metadata import ModelInfo, read_keras_metadata, tflite_with_metadata
 from xray_edge.preprocess import Preprocessing, load_images
 from xray_edge.training_record import TrainingRecord
-from xray_edge.export import calibration, parity
+from xray_edge.export import calibration, int8_process, parity
 from xray_edge.export.formats import DEFAULT_FILE_ORDER, DEFAULT_FORMATS, FORMATS, Format, ModelSource
 from xray_edge.export.model_check import check_model
 from xray_edge.export.operating_point import DEFAULT_TARGET_SENSITIVITY, choose_threshold
@@ -51,6 +53,7 @@ class ExportConfig:
     threshold: float | None = None  # None: chosen on validation for target_sensitivity
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     gates: parity.Gates = field(default_factory=parity.Gates)
+    int8_process: bool | None = None  # quantize int8 in a second process; None: when it pays
     # Hooks for tests: corrupt a converted file before it is proven; interrupt the export
     # before a step ("convert onnx", "place manifest.json", ...).
     tamper: Callable[[str, bytes], bytes] | None = None
@@ -84,7 +87,6 @@ class ExportResult:
 class _Source:
     """What the export knows about the Keras model before converting it."""
 
-    model: object
     record: TrainingRecord | None
     info: ModelInfo  # labels, threshold, preprocessing
     operating_point: dict
@@ -104,72 +106,119 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     """
     formats = _formats(cfg)
     steps = _Steps(log, cfg.on_step)
-    with steps("load model"):
-        model = _load_keras(cfg.model)
-        record = TrainingRecord.read(cfg.model.parent)
-        meta = read_keras_metadata(cfg.model)
-        spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
-    with steps("check model"):
-        check_model(model, spec, [f.name for f in formats])
-    with steps("operating point"):
-        src = _describe(cfg, model, record, meta, spec)
-        log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
-    with steps("images and Keras reference"):
-        sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
-        cal_images, par_images = _images(sets, spec, any(f.needs_calibration for f in formats), log)
-        reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
-        log(f"calibration: {len(cal_images)} images; parity: {len(par_images)} held-out images ({sets.source})")
+    with contextlib.ExitStack() as cleanup:
+        # Started first, so that its TensorFlow start overlaps this process's.
+        aside = cleanup.enter_context(int8_process.Int8Process()) if _int8_aside(cfg, formats) else None
+        with steps("load model"):
+            # one thread per TensorFlow operation here while int8 is made aside: a core for each
+            model = _load_keras(cfg.model, threads=1 if aside else None)
+            record = TrainingRecord.read(cfg.model.parent)
+            meta = read_keras_metadata(cfg.model)
+            spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
+        with steps("check model"):
+            check_model(model, spec, [f.name for f in formats])
+            sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
+        source = ModelSource(model, [f.name for f in formats])
+        if source.FROM_FLOAT_TFLITE & set(source.formats):
+            with steps("convert float32") as t:  # first: int8 starts from it
+                if aside:  # decoded there while this process converts
+                    aside.calibrate_on(cfg.model, sets.calibration, spec)
+                float32 = source.float_tflite()
+                if aside:
+                    aside.quantize(float32)
+                    log("int8: calibrating and quantizing in a second process, beside the next steps")
+                del float32
+            source.seconds["float32"] = t.seconds
+        with steps("operating point"):
+            src = _describe(cfg, model, record, meta, spec)
+            log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
+        here = [f for f in formats if not (aside and f.name == "int8")]
+        with steps("images and Keras reference"):
+            cal_images, par_images = _images(sets, spec, any(f.needs_calibration for f in here), log)
+            reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
+            log(f"calibration: {len(cal_images) or len(sets.calibration)} images; "
+                f"parity: {len(par_images)} held-out images ({sets.source})")
+        del model  # the source holds it until the last conversion
 
-    with steps("open staging folder"):
-        stage = Staging(cfg.out, before=cfg.on_step)
-    with stage:
-        convert_seconds = _convert_all(formats, ModelSource(model), cal_images, src, stage, steps, cfg.tamper)
-        results, files = _prove_all(formats, stage, reference, par_images, src.info, cfg.gates, steps, log)
-        files = {name: replace(e, seconds={"convert": convert_seconds[e.format], **e.seconds})
-                 for name, e in files.items()}
-        manifest = _manifest(cfg, src, files, results, len(cal_images), len(par_images), sets.source)
-        if all(r.passed for r in results):
-            try:
-                with steps("publish"):
-                    stage.publish(manifest, owned=[f.file for f in FORMATS.values()])
-            except ExportFailed as exc:
-                raise ExportFailed(str(exc), partial=bool(stage.changed)) from exc.__cause__
-        else:
-            failed = ", ".join(f"{r.format} ({'; '.join(r.failed_gates)})" for r in results if not r.passed)
-            log(f"refused: {failed}; nothing was written to {cfg.out}")
+        with steps("open staging folder"):
+            stage = Staging(cfg.out, before=cfg.on_step)
+        with stage:
+            for fmt in here:
+                _convert(fmt, source, cal_images, src, stage, steps, cfg.tamper)
+            source.release()  # the Keras model and cached conversions: memory back for the proofs
+            # one thread each while int8 is made aside: the second core is its
+            threads = 1 if aside else None
+            proven = [_prove(fmt, stage, reference, par_images, src.info, cfg.gates, steps, log, threads)
+                      for fmt in here]
+            if aside:
+                proven.append(_collect_aside(aside, src, stage, reference, par_images, cfg, steps, log))
+                source.seconds["int8"] = steps.timings["convert int8"]
+            asked = [f.name for f in formats]
+            results = sorted((res for res, _ in proven), key=lambda r: asked.index(r.format))
+            passed = {e.format: e for _, e in proven if e}
+            files = {f.file: replace(passed[f.name], seconds={"convert": source.seconds[f.name], **passed[f.name].seconds})
+                     for f in formats if f.name in passed}  # in the order asked
+            n_cal = aside.images if aside else len(cal_images)
+            manifest = _manifest(cfg, src, files, results, n_cal, len(par_images), sets.source)
+            if all(r.passed for r in results):
+                try:
+                    with steps("publish"):
+                        stage.publish(manifest, owned=[f.file for f in FORMATS.values()])
+                except ExportFailed as exc:
+                    raise ExportFailed(str(exc), partial=bool(stage.changed)) from exc.__cause__
+            else:
+                failed = ", ".join(f"{r.format} ({'; '.join(r.failed_gates)})" for r in results if not r.passed)
+                log(f"refused: {failed}; nothing was written to {cfg.out}")
     steps.timings["total"] = time.perf_counter() - steps.start
     return ExportResult(manifest, results, steps.timings)
 
 
-def _convert_all(formats: list[Format], source: ModelSource, cal_images: np.ndarray, src: "_Source",
-                 stage: Staging, steps: "_Steps", tamper) -> dict[str, float]:
-    """Convert each format into the staging folder; returns seconds per format."""
-    seconds = {}
-    for fmt in formats:
+def _int8_aside(cfg: ExportConfig, formats: list[Format]) -> bool:
+    if not any(f.name == "int8" for f in formats):
+        return False
+    return int8_process.worth_it(cfg.model) if cfg.int8_process is None else cfg.int8_process
+
+
+def _convert(fmt: Format, source: ModelSource, cal_images: np.ndarray, src: "_Source", stage: Staging,
+             steps: "_Steps", tamper) -> None:
+    """Write one format into the staging folder, with its embedded metadata. float32 was
+    converted in its own step before (int8 starts from it): only its metadata is added here."""
+    metadata = _embedded(src, fmt)
+    if fmt.name in source.seconds:
+        data = fmt.convert(source, cal_images, metadata)
+    else:
         with steps(f"convert {fmt.name}") as t:
-            data = fmt.convert(source, cal_images, _embedded(src, fmt))
-            stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
-            del data  # one file in memory at a time
-        seconds[fmt.name] = t.seconds
-    source.release()
-    return seconds
+            data = fmt.convert(source, cal_images, metadata)
+        source.seconds[fmt.name] = t.seconds
+    stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
 
 
-def _prove_all(formats: list[Format], stage: Staging, reference: np.ndarray, images: np.ndarray,
-               info: ModelInfo, gates: parity.Gates, steps: "_Steps", log
-               ) -> tuple[list[parity.ParityResult], dict[str, FileEntry]]:
-    """Prove each staged file; returns every result and the manifest entries of those that passed."""
-    results, files = [], {}
-    for fmt in formats:
-        with steps(f"prove {fmt.name}") as t:
-            res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
-                                        images, info, fmt.gates, gates)
-            log(res.line())
-        results.append(res)
-        if res.passed:
-            entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
-            files[fmt.file] = replace(entry, seconds={"prove": t.seconds})
-    return results, files
+def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Staging, reference: np.ndarray,
+                   images: np.ndarray, cfg: ExportConfig, steps: "_Steps", log
+                   ) -> tuple[parity.ParityResult, FileEntry | None]:
+    """Wait for the int8 file made in the second process, then stage and prove it."""
+    fmt = FORMATS["int8"]
+    with steps("convert int8"):
+        data = tflite_with_metadata(aside.result(), _embedded(src, fmt))
+        log(f"  int8, in the second process: {aside.images} images decoded in {aside.seconds['images']:.1f} s, "
+            f"calibrated and quantized in {aside.seconds['quantize']:.1f} s, "
+            f"peak memory {aside.seconds['peak_gib']:.2f} GiB")
+        stage.write(fmt.file, cfg.tamper(fmt.name, data) if cfg.tamper else data)
+    return _prove(fmt, stage, reference, images, src.info, cfg.gates, steps, log)
+
+
+def _prove(fmt: Format, stage: Staging, reference: np.ndarray, images: np.ndarray, info: ModelInfo,
+           gates: parity.Gates, steps: "_Steps", log, threads: int | None = None
+           ) -> tuple[parity.ParityResult, FileEntry | None]:
+    """Prove one staged file; returns its result and, if it passed, its manifest entry."""
+    with steps(f"prove {fmt.name}") as t:
+        res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
+                                    images, info, fmt.gates, gates, threads)
+        log(res.line())
+    if not res.passed:
+        return res, None
+    entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
+    return res, replace(entry, seconds={"prove": t.seconds})
 
 
 class _Steps:
@@ -195,7 +244,7 @@ class _Steps:
         self.timings[name] = timer.seconds
         # CPU time beside wall time: on a shared machine the ratio between runs is what holds
         self._log(f"  {name}: {timer.seconds:.1f} s wall, {time.process_time() - timer.cpu_start:.1f} s CPU, "
-                  f"peak memory so far {_peak_gib():.2f} GiB")
+                  f"this process's peak so far {peak_gib():.2f} GiB")
 
 
 class _Timer:
@@ -205,7 +254,8 @@ class _Timer:
         self.seconds = 0.0
 
 
-def _peak_gib() -> float:
+def peak_gib() -> float:
+    """This process's peak resident memory so far."""
     try:
         import resource  # POSIX only
     except ImportError:
@@ -225,7 +275,10 @@ def _formats(cfg: ExportConfig) -> list[Format]:
     return [FORMATS[f] for f in dict.fromkeys(cfg.formats)]
 
 
-def _load_keras(path: Path):
+def _load_keras(path: Path, threads: int | None = None):
+    from xray_edge.export.tflite import start_tensorflow
+
+    start_tensorflow(threads)
     import keras
 
     try:
@@ -248,7 +301,7 @@ def _describe(cfg: ExportConfig, model, record: TrainingRecord | None, meta: dic
     else:
         threshold, point = None, {"threshold": None, "chosen_on": "softmax: highest probability"}
     info = ModelInfo(tuple(classes), threshold if binary else None, spec, synthetic_data=synthetic)
-    return _Source(model, record, info, point, sha256_file(cfg.model), binary)
+    return _Source(record, info, point, sha256_file(cfg.model), binary)
 
 
 def _images(sets: calibration.ImageSets, spec: Preprocessing, need_calibration: bool, log):

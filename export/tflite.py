@@ -15,6 +15,7 @@ import failure falls back to the public route. Figures: docs/export.md.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import numpy as np
@@ -30,10 +31,10 @@ def _converter(model):
     import tensorflow as tf
 
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    forward, variables = _forward(model)
     holder = tf.Module()
-    holder.tracked = [getattr(v, "value", v) for v in model.variables]
-    fn = tf.function(lambda image: model(image, training=False),
-                     input_signature=[tf.TensorSpec((None, *shape), tf.float32, name=INPUT_NAME)])
+    holder.tracked = variables
+    fn = tf.function(forward, input_signature=[tf.TensorSpec((None, *shape), tf.float32, name=INPUT_NAME)])
     conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], holder)
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     # The converter's own provenance record costs two Python flatbuffer round trips of the
@@ -42,8 +43,128 @@ def _converter(model):
     return conv
 
 
+def _forward(model):
+    """The function to convert and the variables it reads.
+
+    TFLite's FULLY_CONNECTED stores its weight as [units, inputs], Keras as [inputs, units], so
+    the converter folds a transpose of every Dense kernel at build time: 2-3 s of the float32
+    conversion for the tutorial's 41M-weight Dense (docs/export.md). For a single chain of
+    layers, each Dense on [batch, features] is traced as a matmul with an already transposed
+    copy of its kernel, which the converter takes as is; the parity gate proves the result like
+    any other. Any other model is traced whole.
+    """
+    import tensorflow as tf
+
+    from xray_edge.export.model_check import layer_chain
+    from xray_edge.export.onnx import UnsupportedLayer
+
+    try:
+        chain = layer_chain(model)
+    except UnsupportedLayer:
+        chain = None
+    if chain is None or not any(_plain_dense(layer, shape) for layer, shape in chain):
+        return (lambda image: model(image, training=False)), [getattr(v, "value", v) for v in model.variables]
+
+    steps, variables, replaced = [], [], set()
+    for layer, shape in chain:
+        if _plain_dense(layer, shape):
+            # tf.transpose: 0.2 s for the 41M weights, where numpy's strided copy takes 1.5 s
+            kernel_t = tf.Variable(tf.transpose(layer.kernel.value), name=f"{layer.name}_kernel_t")
+            variables.append(kernel_t)
+            replaced.add(id(layer.kernel))
+            steps.append(lambda x, layer=layer, k=kernel_t: _dense(layer, k, x))
+        else:
+            steps.append(lambda x, layer=layer: layer(x, training=False))
+    variables += [getattr(v, "value", v) for v in model.variables if id(v) not in replaced]
+
+    def forward(image):
+        x = image
+        for step in steps:
+            x = step(x)
+        return x
+
+    return forward, variables
+
+
+def _plain_dense(layer, in_shape: tuple) -> bool:
+    import keras
+
+    return (type(layer) is keras.layers.Dense and len(in_shape) == 2
+            and not getattr(layer, "lora_enabled", False) and getattr(layer, "quantization_mode", None) is None)
+
+
+def _dense(layer, kernel_t, x):
+    import tensorflow as tf
+
+    y = tf.matmul(x, kernel_t, transpose_b=True)
+    if layer.use_bias:
+        y = y + layer.bias.value
+    return layer.activation(y)
+
+
 def convert_float32(model) -> bytes:
-    return _converter(model).convert()
+    with _without_buffer_dedup():
+        return _converter(model).convert()
+
+
+@contextlib.contextmanager
+def _without_buffer_dedup():
+    """The converter ends by storing identical read-only buffers once, found in Python by
+    unpacking and repacking the whole flatbuffer: 1.5 s for the tutorial's 164 MB, to save
+    nothing, since a Keras model's weight tensors are not copies of each other (a file with two
+    equal ones is only larger, never different in what it computes). Skipped for this call; if
+    a TensorFlow moves the function, the step simply runs."""
+    import sys
+
+    lite = sys.modules.get("tensorflow.lite.python.lite")
+    original = getattr(lite, "_deduplicate_readonly_buffers", None)
+    if original is None:
+        yield
+        return
+    lite._deduplicate_readonly_buffers = lambda flatbuffer: flatbuffer
+    try:
+        yield
+    finally:
+        lite._deduplicate_readonly_buffers = original
+
+
+def start_tensorflow(threads: int | None = None) -> None:
+    """Import TensorFlow and Keras with the garbage collector paused, then freeze what they made.
+
+    The import creates about a million Python objects; collecting again and again while it runs
+    costs about 0.9 s, and every later full collection would walk them all. Only the first
+    call in a process does anything.
+
+    Args:
+        threads: TensorFlow's threads per operation (None: all cores). Settable only here,
+            before TensorFlow runs its first operation.
+    """
+    import gc
+    import os
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return
+    # oneDNN's kernels keep about 350 MB more per process after loading the tutorial's model
+    # (RssAnon 773 against 420 MB), for no gain on the few images export runs through Keras.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    # TFLite imports JAX, when installed, only for its JAX converter: 0.6 s of start-up.
+    jax_hidden = "jax" not in sys.modules
+    if jax_hidden:
+        sys.modules["jax"] = None  # makes `import jax` raise ImportError, which TFLite expects
+    gc.disable()
+    try:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    finally:
+        gc.enable()
+        if jax_hidden and sys.modules.get("jax", 0) is None:
+            del sys.modules["jax"]
+    gc.freeze()
+    if threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
 
 
 def convert_float16(model) -> bytes:
@@ -79,11 +200,29 @@ def quantize_int8(float32: bytes, calibration: np.ndarray) -> bytes:
     if len(calibration) == 0:
         raise ValueError("int8 export needs calibration images")
 
-    calibrator = Calibrator(add_intermediate_tensors(float32))
+    # Only LSTM-type operators need intermediate tensors; adding none still rewrites the whole
+    # flatbuffer (0.7 s for the tutorial's model), so it is called only when one is there.
+    calibrator = Calibrator(add_intermediate_tensors(float32) if _has_lstm(float32) else float32)
+    del float32  # the calibrator holds the model; it goes (with its buffers) before quantizing
     calibrated = calibrator.calibrate(lambda: _batches(calibration, CALIBRATION_BATCH))
+    del calibrator
     with quiet_stderr():  # the quantizer prints its settings from C++ on every call
         return bytes(mlir_quantize(calibrated, disable_per_channel=False,
                                    input_data_type=tf.uint8, output_data_type=tf.uint8))
+
+
+def _has_lstm(flatbuffer: bytes) -> bool:
+    """Whether any operator of the model is an LSTM (read from the operator table, not unpacked)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model = schema.Model.GetRootAs(flatbuffer, 0)
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        op = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        if "LSTM" in names.get(op, ""):
+            return True
+    return False
 
 
 def _batches(images: np.ndarray, size: int) -> Iterator[list[np.ndarray]]:

@@ -1,0 +1,126 @@
+"""int8 quantization in a second process, beside the rest of the export.
+
+Calibrating and quantizing the tutorial's model takes about 13 s of one core inside TensorFlow
+calls that hold Python's GIL, so a thread cannot overlap it with anything. A second process can:
+it starts TensorFlow while the export loads the model, decodes the calibration images while the
+export converts float32, then quantizes that flatbuffer while the export converts ONNX and
+proves the other files. Figures: docs/export.md.
+
+The cost is a second TensorFlow start (about 4 s of CPU and 250 MB), so the export uses it only
+where it pays: a model file of `MIN_MODEL_BYTES` or more, on a machine with two cores or more.
+
+The protocol is three messages on one pipe: parent -> (model path, calibration image paths,
+preprocessing); parent -> float32 flatbuffer; child -> ("int8", bytes) or ("error", one line).
+The child exits when the pipe closes, so a killed export leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+from xray_edge.errors import XrayEdgeError, first_line
+from xray_edge.preprocess import Preprocessing
+
+# Below this (a few million weights) quantizing in-process takes less than a second process's start.
+MIN_MODEL_BYTES = 20_000_000
+
+
+def worth_it(model_path: Path) -> bool:
+    """Whether quantizing `model_path` in a second process shortens the export here."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores >= 2 and model_path.stat().st_size >= MIN_MODEL_BYTES
+
+
+class Int8Process:
+    """`tflite.quantize_int8` run by a child process; a context manager that always reaps it.
+
+    Use: `calibrate_on(...)` as soon as the image paths are known, `quantize(float32)` as soon as
+    the float32 flatbuffer is made, `result()` when the int8 file is needed.
+    """
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: TensorFlow is not fork-safe
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,), name="xray-edge-int8", daemon=True)
+        self._proc.start()
+        child.close()
+        self.seconds: dict[str, float] = {}  # measured in the child: "images", "quantize"
+        self.images = 0
+
+    def __enter__(self) -> "Int8Process":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def calibrate_on(self, model: Path, paths: list[Path], spec: Preprocessing) -> None:
+        """The calibration images (decoded in the child) and the model (for the fallback route)."""
+        self._conn.send((str(model), [str(p) for p in paths], spec.to_dict()))
+
+    def quantize(self, float32: bytes) -> None:
+        self._conn.send_bytes(float32)
+
+    def result(self) -> bytes:
+        """The int8 flatbuffer (no metadata). Raises XrayEdgeError with the child's one-line error."""
+        try:
+            kind, payload, seconds, images = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(timeout=5)
+            raise XrayEdgeError(f"the int8 process ended without a result (exit code {self._proc.exitcode})") from None
+        self.seconds, self.images = seconds, images
+        if kind == "error":
+            raise XrayEdgeError(payload)
+        return payload
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._proc.is_alive():
+            self._proc.terminate()  # an export that failed elsewhere does not wait for the quantizer
+        self._proc.join(timeout=10)
+
+
+def _serve(conn) -> None:
+    """The child: start TensorFlow, decode the calibration images, quantize, answer once."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    seconds: dict[str, float] = {}
+    images = None
+    try:
+        from xray_edge.export import tflite
+
+        tflite.start_tensorflow()  # the costly start, overlapping the parent's model load
+        from xray_edge.preprocess import load_images
+
+        model, paths, spec = conn.recv()
+        start = time.perf_counter()
+        images = load_images([Path(p) for p in paths], Preprocessing.from_dict(spec))[0]
+        seconds["images"] = round(time.perf_counter() - start, 2)
+        received: dict[str, float] = {}
+        try:
+            # no name holds the float32 bytes here: quantize_int8 frees them before its peak
+            data = tflite.quantize_int8(_receive(conn, received), images)
+        except ImportError:  # this TensorFlow moved the private quantizer: the converter's route
+            import keras
+
+            data = tflite.convert_int8_with_converter(keras.saving.load_model(model, compile=False), images)
+        seconds["quantize"] = round(time.perf_counter() - received["at"], 2)
+        from xray_edge.export.pipeline import peak_gib
+
+        seconds["peak_gib"] = peak_gib()
+        conn.send(("int8", data, seconds, len(images)))
+    except (EOFError, BrokenPipeError):
+        return  # the export ended (or was killed) before it needed the result
+    except Exception as exc:  # noqa: BLE001 - every failure goes back as one line
+        try:
+            conn.send(("error", first_line(exc), seconds, 0 if images is None else len(images)))
+        except (BrokenPipeError, OSError):
+            pass
+
+
+def _receive(conn, when: dict) -> bytes:
+    data = conn.recv_bytes()
+    when["at"] = time.perf_counter()
+    return data
+
