@@ -6,12 +6,13 @@ it starts TensorFlow while the export loads the model, decodes the calibration i
 export converts float32, then quantizes that flatbuffer while the export converts ONNX and
 proves the other files. Figures: docs/export.md.
 
-The cost is a second TensorFlow start (about 4 s of CPU and 250 MB), so the export uses it only
-where it pays: a model file of `MIN_MODEL_BYTES` or more, on a machine with two cores or more.
+The cost is a second TensorFlow start (2-3 s of CPU, 250 MB of its own), so the export uses it
+only where it pays: a model file of `MIN_MODEL_BYTES` or more, on a machine with two cores or more.
 
 The protocol is three messages on one pipe: parent -> (model path, calibration image paths,
-preprocessing); parent -> float32 flatbuffer; child -> ("int8", bytes) or ("error", one line).
-The child exits when the pipe closes, so a killed export leaves no worker behind.
+preprocessing); parent -> float32 flatbuffer; child -> ("int8", bytes, figures) or ("error", one
+line, figures). An export that fails elsewhere terminates the child; if the export is killed, the
+child exits at its next read or write of the closed pipe (at most one quantization later).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Int8Process:
         self._proc = ctx.Process(target=_serve, args=(child,), name="xray-edge-int8", daemon=True)
         self._proc.start()
         child.close()
-        self.seconds: dict[str, float] = {}  # measured in the child: "images", "quantize"
+        self.figures: dict[str, float] = {}  # measured in the child: seconds "images", "quantize"; "peak_gib"
         self.images = 0
 
     def __enter__(self) -> "Int8Process":
@@ -66,11 +67,11 @@ class Int8Process:
     def result(self) -> bytes:
         """The int8 flatbuffer (no metadata). Raises XrayEdgeError with the child's one-line error."""
         try:
-            kind, payload, seconds, images = self._conn.recv()
+            kind, payload, figures, images = self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(timeout=5)
             raise XrayEdgeError(f"the int8 process ended without a result (exit code {self._proc.exitcode})") from None
-        self.seconds, self.images = seconds, images
+        self.figures, self.images = figures, images
         if kind == "error":
             raise XrayEdgeError(payload)
         return payload
@@ -85,18 +86,18 @@ class Int8Process:
 def _serve(conn) -> None:
     """The child: start TensorFlow, decode the calibration images, quantize, answer once."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    seconds: dict[str, float] = {}
+    figures: dict[str, float] = {}
     images = None
     try:
         from xray_edge.export import tflite
 
-        tflite.start_tensorflow()  # the costly start, overlapping the parent's model load
+        tflite.start_tensorflow(onednn=False)  # the costly start, overlapping the parent's model load
         from xray_edge.preprocess import load_images
 
         model, paths, spec = conn.recv()
         start = time.perf_counter()
         images = load_images([Path(p) for p in paths], Preprocessing.from_dict(spec))[0]
-        seconds["images"] = round(time.perf_counter() - start, 2)
+        figures["images"] = round(time.perf_counter() - start, 2)
         received: dict[str, float] = {}
         try:
             # no name holds the float32 bytes here: quantize_int8 frees them before its peak
@@ -105,16 +106,16 @@ def _serve(conn) -> None:
             import keras
 
             data = tflite.convert_int8_with_converter(keras.saving.load_model(model, compile=False), images)
-        seconds["quantize"] = round(time.perf_counter() - received["at"], 2)
+        figures["quantize"] = round(time.perf_counter() - received["at"], 2)
         from xray_edge.export.pipeline import peak_gib
 
-        seconds["peak_gib"] = peak_gib()
-        conn.send(("int8", data, seconds, len(images)))
+        figures["peak_gib"] = peak_gib()
+        conn.send(("int8", data, figures, len(images)))
     except (EOFError, BrokenPipeError):
         return  # the export ended (or was killed) before it needed the result
     except Exception as exc:  # noqa: BLE001 - every failure goes back as one line
         try:
-            conn.send(("error", first_line(exc), seconds, 0 if images is None else len(images)))
+            conn.send(("error", first_line(exc), figures, 0 if images is None else len(images)))
         except (BrokenPipeError, OSError):
             pass
 

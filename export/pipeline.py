@@ -110,8 +110,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         # Started first, so that its TensorFlow start overlaps this process's.
         aside = cleanup.enter_context(int8_process.Int8Process()) if _int8_aside(cfg, formats) else None
         with steps("load model"):
-            # one thread per TensorFlow operation here while int8 is made aside: a core for each
-            model = _load_keras(cfg.model, threads=1 if aside else None)
+            model = _load_keras(cfg.model, lean=bool(aside))
             record = TrainingRecord.read(cfg.model.parent)
             meta = read_keras_metadata(cfg.model)
             spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
@@ -200,9 +199,9 @@ def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Stagi
     fmt = FORMATS["int8"]
     with steps("convert int8"):
         data = tflite_with_metadata(aside.result(), _embedded(src, fmt))
-        log(f"  int8, in the second process: {aside.images} images decoded in {aside.seconds['images']:.1f} s, "
-            f"calibrated and quantized in {aside.seconds['quantize']:.1f} s, "
-            f"peak memory {aside.seconds['peak_gib']:.2f} GiB")
+        fig = aside.figures
+        log(f"  int8, in the second process: {aside.images} images decoded in {fig['images']:.1f} s, "
+            f"calibrated and quantized in {fig['quantize']:.1f} s, peak memory {fig['peak_gib']:.2f} GiB")
         stage.write(fmt.file, cfg.tamper(fmt.name, data) if cfg.tamper else data)
     return _prove(fmt, stage, reference, images, src.info, cfg.gates, steps, log)
 
@@ -275,10 +274,12 @@ def _formats(cfg: ExportConfig) -> list[Format]:
     return [FORMATS[f] for f in dict.fromkeys(cfg.formats)]
 
 
-def _load_keras(path: Path, threads: int | None = None):
+def _load_keras(path: Path, lean: bool = False):
+    """`lean` while int8 is made aside: one thread per TensorFlow operation (a core for each
+    process) and no oneDNN (less memory for two processes)."""
     from xray_edge.export.tflite import start_tensorflow
 
-    start_tensorflow(threads)
+    start_tensorflow(threads=1, onednn=False) if lean else start_tensorflow()
     import keras
 
     try:

@@ -128,7 +128,7 @@ def _without_buffer_dedup():
         lite._deduplicate_readonly_buffers = original
 
 
-def start_tensorflow(threads: int | None = None) -> None:
+def start_tensorflow(threads: int | None = None, onednn: bool = True) -> None:
     """Import TensorFlow and Keras with the garbage collector paused, then freeze what they made.
 
     The import creates about a million Python objects; collecting again and again while it runs
@@ -137,7 +137,10 @@ def start_tensorflow(threads: int | None = None) -> None:
 
     Args:
         threads: TensorFlow's threads per operation (None: all cores). Settable only here,
-            before TensorFlow runs its first operation.
+            before TensorFlow runs its first operation, like `onednn`.
+        onednn: TensorFlow's oneDNN kernels. Off, Keras runs the export's few images about 1.5x
+            slower, but a loaded model keeps 350 MB less (RssAnon 420 against 773 MB for the
+            tutorial's): off where two TensorFlow processes share the memory.
     """
     import gc
     import os
@@ -145,9 +148,8 @@ def start_tensorflow(threads: int | None = None) -> None:
 
     if "tensorflow" in sys.modules:
         return
-    # oneDNN's kernels keep about 350 MB more per process after loading the tutorial's model
-    # (RssAnon 773 against 420 MB), for no gain on the few images export runs through Keras.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    if not onednn:
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     # TFLite imports JAX, when installed, only for its JAX converter: 0.6 s of start-up.
     jax_hidden = "jax" not in sys.modules
     if jax_hidden:
