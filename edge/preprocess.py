@@ -128,7 +128,7 @@ class PixelBudget:
             yield
         finally:
             if need >= _TRIM_PIXELS:
-                _release_freed_memory()
+                release_freed_memory()
             with self._cond:
                 self._free += need
                 self._cond.notify_all()
@@ -139,7 +139,8 @@ class PixelBudget:
 _TRIM_PIXELS = 4_000_000
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
+    """Hand memory this process freed back to the system (glibc keeps it otherwise)."""
     global _malloc_trim
     if _malloc_trim is None:  # looked up on the first large decode: ctypes stays off the start-up path
         _malloc_trim = _find_malloc_trim()

@@ -39,6 +39,10 @@ class ModelSource:
             self._float_onnx = keras_to_onnx(self.model, {})
         return self._float_onnx
 
+    def release_float_tflite(self) -> None:
+        """Drop the float32 flatbuffer once no format still to be made here starts from it."""
+        self._float_tflite = None
+
     def release(self) -> None:
         """Drop the Keras model and the cached conversions (each as large as the weights: 164 MB
         for the tutorial's model), once every format made in this process is converted."""

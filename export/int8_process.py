@@ -59,18 +59,20 @@ class Int8Process:
 
     def calibrate_on(self, model: Path, paths: list[Path], spec: Preprocessing) -> None:
         """The calibration images (decoded in the child) and the model (for the fallback route)."""
-        self._conn.send((str(model), [str(p) for p in paths], spec.to_dict()))
+        self._send(lambda: self._conn.send((str(model), [str(p) for p in paths], spec.to_dict())))
 
     def quantize(self, float32: bytes) -> None:
-        self._conn.send_bytes(float32)
+        self._send(lambda: self._conn.send_bytes(float32))
 
     def result(self) -> bytes:
         """The int8 flatbuffer (no metadata). Raises XrayEdgeError with the child's one-line error."""
+        while not self._conn.poll(1):  # a child that died without a word is noticed within a second
+            if not self._proc.is_alive():
+                break
         try:
             kind, payload, figures, images = self._conn.recv()
         except (EOFError, OSError):
-            self._proc.join(timeout=5)
-            raise XrayEdgeError(f"the int8 process ended without a result (exit code {self._proc.exitcode})") from None
+            raise self._ended() from None
         self.figures, self.images = figures, images
         if kind == "error":
             raise XrayEdgeError(payload)
@@ -80,11 +82,34 @@ class Int8Process:
         self._conn.close()
         if self._proc.is_alive():
             self._proc.terminate()  # an export that failed elsewhere does not wait for the quantizer
-        self._proc.join(timeout=10)
+            self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
+
+    def _send(self, send) -> None:
+        try:
+            send()
+        except OSError:  # the child is gone: say why, from its own last words if it left any
+            raise self._ended() from None
+
+    def _ended(self) -> XrayEdgeError:
+        try:
+            if self._conn.poll():
+                kind, payload, *_ = self._conn.recv()
+                if kind == "error":
+                    return XrayEdgeError(payload)
+        except (EOFError, OSError):
+            pass
+        self._proc.join(timeout=5)
+        return XrayEdgeError(f"the int8 process ended without a result (exit code {self._proc.exitcode})")
 
 
 def _serve(conn) -> None:
     """The child: start TensorFlow, decode the calibration images, quantize, answer once."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     figures: dict[str, float] = {}
     images = None
@@ -107,8 +132,6 @@ def _serve(conn) -> None:
 
             data = tflite.convert_int8_with_converter(keras.saving.load_model(model, compile=False), images)
         figures["quantize"] = round(time.perf_counter() - received["at"], 2)
-        from xray_edge.export.pipeline import peak_gib
-
         figures["peak_gib"] = peak_gib()
         conn.send(("int8", data, figures, len(images)))
     except (EOFError, BrokenPipeError):
@@ -121,7 +144,17 @@ def _serve(conn) -> None:
 
 
 def _receive(conn, when: dict) -> bytes:
+    """The float32 bytes, noting when they arrived (the quantization is timed from then)."""
     data = conn.recv_bytes()
     when["at"] = time.perf_counter()
     return data
+
+
+def peak_gib() -> float:
+    """This process's peak resident memory so far, in GiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, else KiB
 

@@ -30,7 +30,7 @@ from xray_edge.errors import XrayEdgeError, first_line
 from xray_edge.files import sha256_file
 from xray_edge.manifest import FileEntry, Manifest
 from xray_edge.metadata import ModelInfo, read_keras_metadata, tflite_with_metadata
-from xray_edge.preprocess import Preprocessing, load_images
+from xray_edge.preprocess import Preprocessing, load_images, release_freed_memory
 from xray_edge.training_record import TrainingRecord
 from xray_edge.export import calibration, int8_process, parity
 from xray_edge.export.formats import DEFAULT_FILE_ORDER, DEFAULT_FORMATS, FORMATS, Format, ModelSource
@@ -107,16 +107,17 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     formats = _formats(cfg)
     steps = _Steps(log, cfg.on_step)
     with contextlib.ExitStack() as cleanup:
-        # Started first, so that its TensorFlow start overlaps this process's.
-        aside = cleanup.enter_context(int8_process.Int8Process()) if _int8_aside(cfg, formats) else None
         with steps("load model"):
-            model = _load_keras(cfg.model, lean=bool(aside))
+            # started first, so that its TensorFlow start overlaps this process's
+            aside = cleanup.enter_context(int8_process.Int8Process()) if _int8_aside(cfg, formats) else None
+            model = _load_keras(cfg.model, lean=aside is not None)
             record = TrainingRecord.read(cfg.model.parent)
             meta = read_keras_metadata(cfg.model)
             spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
         with steps("check model"):
             check_model(model, spec, [f.name for f in formats])
             sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
+        here = [f for f in formats if not (aside and f.name == "int8")]  # made in this process
         source = ModelSource(model, [f.name for f in formats])
         if source.FROM_FLOAT_TFLITE & set(source.formats):
             with steps("convert float32") as t:  # first: int8 starts from it
@@ -127,36 +128,42 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
                     aside.quantize(float32)
                     log("int8: calibrating and quantizing in a second process, beside the next steps")
                 del float32
+                if not any(f.name in source.FROM_FLOAT_TFLITE for f in here):
+                    source.release_float_tflite()
             source.seconds["float32"] = t.seconds
         with steps("operating point"):
             src = _describe(cfg, model, record, meta, spec)
             log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
-        here = [f for f in formats if not (aside and f.name == "int8")]
         with steps("images and Keras reference"):
             cal_images, par_images = _images(sets, spec, any(f.needs_calibration for f in here), log)
             reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
-            log(f"calibration: {len(cal_images) or len(sets.calibration)} images; "
-                f"parity: {len(par_images)} held-out images ({sets.source})")
+            log(_images_line(cal_images, par_images, sets, aside))
         del model  # the source holds it until the last conversion
 
         with steps("open staging folder"):
             stage = Staging(cfg.out, before=cfg.on_step)
         with stage:
-            for fmt in here:
+            for i, fmt in enumerate(here):
                 _convert(fmt, source, cal_images, src, stage, steps, cfg.tamper)
+                if not any(f.name in source.FROM_FLOAT_TFLITE for f in here[i + 1:]):
+                    source.release_float_tflite()
             source.release()  # the Keras model and cached conversions: memory back for the proofs
+            release_freed_memory()
             # one thread each while int8 is made aside: the second core is its
             threads = 1 if aside else None
             proven = [_prove(fmt, stage, reference, par_images, src.info, cfg.gates, steps, log, threads)
                       for fmt in here]
             if aside:
                 proven.append(_collect_aside(aside, src, stage, reference, par_images, cfg, steps, log))
-                source.seconds["int8"] = steps.timings["convert int8"]
+                source.seconds["int8"] = round(aside.figures["images"] + aside.figures["quantize"], 2)
             asked = [f.name for f in formats]
             results = sorted((res for res, _ in proven), key=lambda r: asked.index(r.format))
             passed = {e.format: e for _, e in proven if e}
-            files = {f.file: replace(passed[f.name], seconds={"convert": source.seconds[f.name], **passed[f.name].seconds})
-                     for f in formats if f.name in passed}  # in the order asked
+            files = {}
+            for f in formats:  # in the order asked
+                if f.name in passed:
+                    entry = passed[f.name]
+                    files[f.file] = replace(entry, seconds={"convert": source.seconds[f.name], **entry.seconds})
             n_cal = aside.images if aside else len(cal_images)
             manifest = _manifest(cfg, src, files, results, n_cal, len(par_images), sets.source)
             if all(r.passed for r in results):
@@ -178,18 +185,25 @@ def _int8_aside(cfg: ExportConfig, formats: list[Format]) -> bool:
     return int8_process.worth_it(cfg.model) if cfg.int8_process is None else cfg.int8_process
 
 
+def _images_line(cal_images: np.ndarray, par_images: np.ndarray, sets: calibration.ImageSets,
+                 aside: int8_process.Int8Process | None) -> str:
+    if aside:
+        cal = f"calibration: {len(sets.calibration)} images, decoded in the second process; "
+    else:
+        cal = f"calibration: {len(cal_images)} images; " if len(cal_images) else ""
+    return f"{cal}parity: {len(par_images)} held-out images ({sets.source})"
+
+
 def _convert(fmt: Format, source: ModelSource, cal_images: np.ndarray, src: "_Source", stage: Staging,
              steps: "_Steps", tamper) -> None:
-    """Write one format into the staging folder, with its embedded metadata. float32 was
-    converted in its own step before (int8 starts from it): only its metadata is added here."""
-    metadata = _embedded(src, fmt)
-    if fmt.name in source.seconds:
-        data = fmt.convert(source, cal_images, metadata)
-    else:
-        with steps(f"convert {fmt.name}") as t:
-            data = fmt.convert(source, cal_images, metadata)
+    """Write one format into the staging folder, with its embedded metadata. A format converted
+    in its own step before (float32: int8 starts from it) only gets its metadata here."""
+    early = fmt.name in source.seconds
+    with steps(f"write {fmt.name}" if early else f"convert {fmt.name}") as t:
+        data = fmt.convert(source, cal_images, _embedded(src, fmt))
+        stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
+    if not early:
         source.seconds[fmt.name] = t.seconds
-    stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
 
 
 def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Staging, reference: np.ndarray,
@@ -214,6 +228,7 @@ def _prove(fmt: Format, stage: Staging, reference: np.ndarray, images: np.ndarra
         res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
                                     images, info, fmt.gates, gates, threads)
         log(res.line())
+    release_freed_memory()  # the runtime's buffers, before the next step (or the int8 process) peaks
     if not res.passed:
         return res, None
     entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
@@ -243,7 +258,7 @@ class _Steps:
         self.timings[name] = timer.seconds
         # CPU time beside wall time: on a shared machine the ratio between runs is what holds
         self._log(f"  {name}: {timer.seconds:.1f} s wall, {time.process_time() - timer.cpu_start:.1f} s CPU, "
-                  f"this process's peak so far {peak_gib():.2f} GiB")
+                  f"this process's peak so far {int8_process.peak_gib():.2f} GiB")
 
 
 class _Timer:
@@ -251,16 +266,6 @@ class _Timer:
         self.start = time.perf_counter()
         self.cpu_start = time.process_time()
         self.seconds = 0.0
-
-
-def peak_gib() -> float:
-    """This process's peak resident memory so far."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return float("nan")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, else KiB
 
 
 def _formats(cfg: ExportConfig) -> list[Format]:
@@ -279,7 +284,10 @@ def _load_keras(path: Path, lean: bool = False):
     process) and no oneDNN (less memory for two processes)."""
     from xray_edge.export.tflite import start_tensorflow
 
-    start_tensorflow(threads=1, onednn=False) if lean else start_tensorflow()
+    if lean:
+        start_tensorflow(threads=1, onednn=False)
+    else:
+        start_tensorflow()
     import keras
 
     try:

@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from xray_edge.backends import quiet_stderr
+from xray_edge.preprocess import release_freed_memory
 
 INPUT_NAME = "image"
 # Images per calibration step: fewer interpreter calls for the same min/max ranges.
@@ -56,11 +57,10 @@ def _forward(model):
     import tensorflow as tf
 
     from xray_edge.export.model_check import layer_chain
-    from xray_edge.export.onnx import UnsupportedLayer
 
     try:
         chain = layer_chain(model)
-    except UnsupportedLayer:
+    except Exception:  # noqa: BLE001 - merges, shared layers, anything the walk does not know
         chain = None
     if chain is None or not any(_plain_dense(layer, shape) for layer, shape in chain):
         return (lambda image: model(image, training=False)), [getattr(v, "value", v) for v in model.variables]
@@ -89,7 +89,7 @@ def _forward(model):
 def _plain_dense(layer, in_shape: tuple) -> bool:
     import keras
 
-    return (type(layer) is keras.layers.Dense and len(in_shape) == 2
+    return (type(layer) is keras.layers.Dense and len(in_shape) == 2 and layer.compute_dtype == "float32"
             and not getattr(layer, "lora_enabled", False) and getattr(layer, "quantization_mode", None) is None)
 
 
@@ -150,16 +150,19 @@ def start_tensorflow(threads: int | None = None, onednn: bool = True) -> None:
         return
     if not onednn:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    # TFLite imports JAX, when installed, only for its JAX converter: 0.6 s of start-up.
-    jax_hidden = "jax" not in sys.modules
+    # TFLite imports JAX, when installed, only for its JAX converter: 0.6 s of start-up. Kept
+    # when Keras itself is told to run on JAX, which then needs it.
+    jax_hidden = "jax" not in sys.modules and os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
     if jax_hidden:
         sys.modules["jax"] = None  # makes `import jax` raise ImportError, which TFLite expects
+    collecting = gc.isenabled()
     gc.disable()
     try:
         import keras  # noqa: F401
         import tensorflow  # noqa: F401
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
         if jax_hidden and sys.modules.get("jax", 0) is None:
             del sys.modules["jax"]
     gc.freeze()
@@ -208,6 +211,7 @@ def quantize_int8(float32: bytes, calibration: np.ndarray) -> bytes:
     del float32  # the calibrator holds the model; it goes (with its buffers) before quantizing
     calibrated = calibrator.calibrate(lambda: _batches(calibration, CALIBRATION_BATCH))
     del calibrator
+    release_freed_memory()  # the calibration interpreter's buffers, before the quantizer's peak
     with quiet_stderr():  # the quantizer prints its settings from C++ on every call
         return bytes(mlir_quantize(calibrated, disable_per_channel=False,
                                    input_data_type=tf.uint8, output_data_type=tf.uint8))

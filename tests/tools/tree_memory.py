@@ -4,7 +4,7 @@
 
 `/usr/bin/time -v` reports the largest single process's peak (ru_maxrss), which understates a
 command that runs two processes at once, as `export` does when it quantizes int8 aside. This
-samples every 20 ms the proportional set size (PSS, from /proc/PID/smaps_rollup) of the command
+samples every 0.1 s (`--interval`) the proportional set size (PSS, from /proc/PID/smaps_rollup) of the command
 and all its descendants and prints the largest sum seen: the physical memory the command held,
 with shared library pages counted once across processes. Linux only. Sampling can miss a peak
 shorter than the interval, so the figure is a floor; RSS sums (which count shared pages twice,
