@@ -49,6 +49,18 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_schema(d, version: int, required: bool = True) -> dict:
+    """`d` if it is a JSON object of this schema version, else ValueError in one line.
+
+    `required=False`: a record without a "schema" field is taken as this version (files written
+    before the field existed)."""
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    if d.get("schema", None if required else version) != version:
+        raise ValueError(f"schema {d.get('schema')!r} is not {version}")
+    return d
+
+
 def read_json_record(path: Path, parse, error: type[Exception]):
     """`parse(obj)` of the JSON file at `path`, or None when there is no such file.
 

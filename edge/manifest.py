@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xray_edge.errors import ModelError, first_line
-from xray_edge.files import atomic_write_json
+from xray_edge.files import atomic_write_json, check_schema
 from xray_edge.preprocess import Preprocessing
 
 MANIFEST_NAME = "manifest.json"
@@ -115,10 +115,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d) -> "Manifest":
         """Build from parsed JSON; ValueError names the first field of the wrong type or value."""
-        if not isinstance(d, dict):
-            raise ValueError("not a JSON object")
-        if d.get("schema") != SCHEMA_VERSION:
-            raise ValueError(f"schema {d.get('schema')!r} is not {SCHEMA_VERSION}")
+        check_schema(d, SCHEMA_VERSION)
         labels = check_labels(d.get("labels"))
         files = d.get("files")
         if not isinstance(files, dict):

@@ -21,7 +21,7 @@ import numpy as np
 from xray_edge import metrics
 from xray_edge.classify import predicted_classes
 from xray_edge.errors import ModelError, XrayEdgeError
-from xray_edge.files import atomic_write_json, read_json_record
+from xray_edge.files import atomic_write_json, check_schema, read_json_record
 from xray_edge.inputs import walk_images
 from xray_edge.manifest import check_sha256, check_threshold
 from xray_edge.preprocess import Preprocessing, load_images
@@ -59,10 +59,7 @@ class SiteCalibration:
 
     @classmethod
     def from_dict(cls, d) -> "SiteCalibration":
-        if not isinstance(d, dict):
-            raise ValueError("not a JSON object")
-        if d.get("schema") != SCHEMA_VERSION:
-            raise ValueError(f"schema {d.get('schema')!r} is not {SCHEMA_VERSION}")
+        check_schema(d, SCHEMA_VERSION)
         sha = check_sha256(d.get("model_sha256"), "'model_sha256'")
         thr = check_threshold(d.get("threshold"))
         if thr is None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xray_edge.errors import XrayEdgeError
-from xray_edge.files import atomic_write_json, read_json_record
+from xray_edge.files import atomic_write_json, check_schema, read_json_record
 from xray_edge.preprocess import DEFAULT, Preprocessing
 
 TRAINING_RECORD_NAME = "training.json"
@@ -71,10 +71,7 @@ class TrainingRecord:
 
     @classmethod
     def from_dict(cls, d) -> "TrainingRecord":
-        if not isinstance(d, dict):
-            raise ValueError("not a JSON object")
-        if d.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
-            raise ValueError(f"schema {d.get('schema')!r} is not {SCHEMA_VERSION}")
+        check_schema(d, SCHEMA_VERSION, required=False)
         classes = d.get("classes")
         if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
             raise ValueError("'classes' is not a list of two or more names")

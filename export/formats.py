@@ -39,9 +39,10 @@ class ModelSource:
             self._float_onnx = keras_to_onnx(self.model, {})
         return self._float_onnx
 
-    def release_float_tflite(self) -> None:
-        """Drop the float32 flatbuffer once no format still to be made here starts from it."""
-        self._float_tflite = None
+    def release_float_tflite_unless(self, still_to_make: list) -> None:
+        """Drop the float32 flatbuffer unless a format still to be made here starts from it."""
+        if not any(f.name in self.FROM_FLOAT_TFLITE for f in still_to_make):
+            self._float_tflite = None
 
     def release(self) -> None:
         """Drop the Keras model and the cached conversions (each as large as the weights: 164 MB

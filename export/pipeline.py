@@ -128,8 +128,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
                     aside.quantize(float32)
                     log("int8: calibrating and quantizing in a second process, beside the next steps")
                 del float32
-                if not any(f.name in source.FROM_FLOAT_TFLITE for f in here):
-                    source.release_float_tflite()
+                source.release_float_tflite_unless(here)
             source.seconds["float32"] = t.seconds
         with steps("operating point"):
             src = _describe(cfg, model, record, meta, spec)
@@ -145,8 +144,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         with stage:
             for i, fmt in enumerate(here):
                 _convert(fmt, source, cal_images, src, stage, steps, cfg.tamper)
-                if not any(f.name in source.FROM_FLOAT_TFLITE for f in here[i + 1:]):
-                    source.release_float_tflite()
+                source.release_float_tflite_unless(here[i + 1:])
             source.release()  # the Keras model and cached conversions: memory back for the proofs
             release_freed_memory()
             # one thread each while int8 is made aside: the second core is its

@@ -138,8 +138,8 @@ def start_tensorflow(threads: int | None = None, onednn: bool = True) -> None:
     Args:
         threads: TensorFlow's threads per operation (None: all cores). Settable only here,
             before TensorFlow runs its first operation, like `onednn`.
-        onednn: TensorFlow's oneDNN kernels. Off, Keras runs the export's few images about 1.5x
-            slower, but a loaded model keeps 350 MB less (RssAnon 420 against 773 MB for the
+        onednn: TensorFlow's oneDNN kernels. Off, Keras runs the export's few images more
+            slowly, but a loaded model keeps 350 MB less (RssAnon 420 against 773 MB for the
             tutorial's): off where two TensorFlow processes share the memory.
     """
     import gc
