@@ -17,6 +17,7 @@ child exits at its next read or write of the closed pipe (at most one quantizati
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
@@ -27,6 +28,20 @@ from xray_edge.preprocess import Preprocessing
 
 # Below this (a few million weights) quantizing in-process takes less than a second process's start.
 MIN_MODEL_BYTES = 20_000_000
+
+# 2 MB pages for the memory malloc maps (glibc >= 2.35 reads this at process start; other C
+# libraries ignore it). An export copies its weights between formats many times over; with 4 KB
+# pages the kernel's page faults were about a fifth of the export's CPU time (docs/export.md).
+# The Makefile sets it for the export; this process gets it here.
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_pages(tunables: str | None) -> str:
+    """A GLIBC_TUNABLES value with malloc's huge pages on, keeping any other tunable (and the
+    user's own choice of huge pages, if made)."""
+    if tunables and "glibc.malloc.hugetlb" in tunables:
+        return tunables
+    return f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
 
 
 def worth_it(model_path: Path) -> bool:
@@ -46,7 +61,8 @@ class Int8Process:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: TensorFlow is not fork-safe
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child,), name="xray-edge-int8", daemon=True)
-        self._proc.start()
+        with _environment("GLIBC_TUNABLES", with_huge_pages(os.environ.get("GLIBC_TUNABLES"))):
+            self._proc.start()  # the child inherits this process's environment
         child.close()
         self.figures: dict[str, float] = {}  # measured in the child: seconds "images", "quantize"; "peak_gib"
         self.images = 0
@@ -105,6 +121,19 @@ class Int8Process:
         return XrayEdgeError(f"the int8 process ended without a result (exit code {self._proc.exitcode})")
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
 def _serve(conn) -> None:
     """The child: start TensorFlow, decode the calibration images, quantize, answer once."""
     import signal
@@ -126,7 +155,7 @@ def _serve(conn) -> None:
         received: dict[str, float] = {}
         try:
             # no name holds the float32 bytes here: quantize_int8 frees them before its peak
-            data = tflite.quantize_int8(_receive(conn, received), images)
+            data = tflite.quantize_int8(_receive(conn, received), images, threads=1)  # a core each
         except ImportError:  # this TensorFlow moved the private quantizer: the converter's route
             import keras
 

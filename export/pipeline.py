@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import platform
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -130,13 +129,13 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
                 del float32
                 source.release_float_tflite_unless(here)
             source.seconds["float32"] = t.seconds
-        with steps("operating point"):
-            src = _describe(cfg, model, record, meta, spec)
-            log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
         with steps("images and Keras reference"):
-            cal_images, par_images = _images(sets, spec, any(f.needs_calibration for f in here), log)
+            cal_images, (par_paths, par_images) = _images(sets, spec, any(f.needs_calibration for f in here), log)
             reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
             log(_images_line(cal_images, par_images, sets, aside))
+        with steps("operating point"):  # on the validation split, which the parity images mostly are
+            src = _describe(cfg, model, record, meta, spec, known=dict(zip(par_paths, reference)))
+            log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
         del model  # the source holds it until the last conversion
 
         with steps("open staging folder"):
@@ -295,7 +294,7 @@ def _load_keras(path: Path, lean: bool = False):
 
 
 def _describe(cfg: ExportConfig, model, record: TrainingRecord | None, meta: dict,
-              spec: Preprocessing) -> _Source:
+              spec: Preprocessing, known: dict) -> _Source:
     classes = record.classes if record else meta.get("classes")
     if not classes:
         raise XrayEdgeError(f"{cfg.model}: no class names (no training.json beside it)")
@@ -304,7 +303,7 @@ def _describe(cfg: ExportConfig, model, record: TrainingRecord | None, meta: dic
     if cfg.threshold is not None:
         threshold, point = cfg.threshold, {"threshold": cfg.threshold, "chosen_on": "given by the user"}
     elif binary:
-        threshold, point = choose_threshold(model, record, spec, cfg.target_sensitivity)
+        threshold, point = choose_threshold(model, record, spec, cfg.target_sensitivity, known)
     else:
         threshold, point = None, {"threshold": None, "chosen_on": "softmax: highest probability"}
     info = ModelInfo(tuple(classes), threshold if binary else None, spec, synthetic_data=synthetic)
@@ -314,10 +313,10 @@ def _describe(cfg: ExportConfig, model, record: TrainingRecord | None, meta: dic
 def _images(sets: calibration.ImageSets, spec: Preprocessing, need_calibration: bool, log):
     cal = (load_images(sets.calibration, spec)[0] if need_calibration
            else np.zeros((0, *spec.shape), np.uint8))
-    par, _, errors = load_images(sets.parity, spec)
+    par, ok, errors = load_images(sets.parity, spec)
     for e in errors:
         log(f"warning: skipped {e}")
-    return cal, par
+    return cal, ([sets.parity[i] for i in ok], par)
 
 
 def _embedded(src: _Source, fmt: Format) -> dict:

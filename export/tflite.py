@@ -7,15 +7,17 @@ a file with no weights that returns a constant; with it the file carries every w
 gate checks it on every export). Builtin ops only: the device has no TensorFlow for Flex ops.
 
 int8 starts from the float32 flatbuffer that export already made instead of converting the
-Keras graph a second time: the converter's own calibrator and MLIR quantizer, called as the
-converter calls them (`quantize_int8`). They are private TensorFlow APIs, so the versions are
-pinned in pyproject.toml, a test compares this route with the converter's public one, and an
+Keras graph a second time: activation ranges measured on it (`ranges`, or the converter's own
+calibrator for models that module does not cover), then the converter's MLIR quantizer, called
+as the converter calls it (`quantize_int8`). These are private TensorFlow APIs, so the versions
+are pinned in pyproject.toml, tests compare this route with the converter's public one, and an
 import failure falls back to the public route. Figures: docs/export.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import numpy as np
@@ -35,7 +37,10 @@ def _converter(model):
     forward, variables = _forward(model)
     holder = tf.Module()
     holder.tracked = variables
-    fn = tf.function(forward, input_signature=[tf.TensorSpec((None, *shape), tf.float32, name=INPUT_NAME)])
+    # no autograph: Keras 3 traces its own predict step without it (do_not_convert), and
+    # rewriting the forward's source costs about 0.5 s
+    fn = tf.function(forward, autograph=False,
+                     input_signature=[tf.TensorSpec((None, *shape), tf.float32, name=INPUT_NAME)])
     conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], holder)
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     # The converter's own provenance record costs two Python flatbuffer round trips of the
@@ -182,17 +187,20 @@ def convert_float16(model) -> bytes:
     return conv.convert()
 
 
-def quantize_int8(float32: bytes, calibration: np.ndarray) -> bytes:
+def quantize_int8(float32: bytes, calibration: np.ndarray, threads: int | None = None) -> bytes:
     """Full-integer int8 from a float32 flatbuffer: uint8 image input, uint8 output.
 
-    The same two calls `TFLiteConverter` makes for `representative_dataset` +
+    The same two steps `TFLiteConverter` takes for `representative_dataset` +
     `TFLITE_BUILTINS_INT8` + uint8 I/O (tensorflow/lite/python/lite.py, `_quantize`): record
     min/max of every tensor over the calibration images, then quantize with the MLIR quantizer.
+    The ranges are measured by `ranges` where it covers the model, else by the converter's
+    calibrator.
 
     Args:
         float32: a flatbuffer from `convert_float32` (no metadata needed).
         calibration: uint8 [N, H, W, C] real images from the one preprocessing; the activation
             ranges are measured on them (0-255 pixels, the model divides by 255 itself).
+        threads: for measuring the ranges (None: every core; 1 beside other work).
 
     Raises:
         ImportError: this TensorFlow keeps those private functions elsewhere (use
@@ -200,35 +208,38 @@ def quantize_int8(float32: bytes, calibration: np.ndarray) -> bytes:
     """
     import tensorflow as tf
     from tensorflow.lite.python.convert import mlir_quantize
-    from tensorflow.lite.python.optimize.calibrator import Calibrator, add_intermediate_tensors
+
+    from xray_edge.export import ranges
 
     if len(calibration) == 0:
         raise ValueError("int8 export needs calibration images")
 
-    # Only LSTM-type operators need intermediate tensors; adding none still rewrites the whole
-    # flatbuffer (0.7 s for the tutorial's model), so it is called only when one is there.
-    calibrator = Calibrator(add_intermediate_tensors(float32) if _has_lstm(float32) else float32)
-    del float32  # the calibrator holds the model; it goes (with its buffers) before quantizing
-    calibrated = calibrator.calibrate(lambda: _batches(calibration, CALIBRATION_BATCH))
-    del calibrator
-    release_freed_memory()  # the calibration interpreter's buffers, before the quantizer's peak
+    if ranges.covered(float32):
+        measured = ranges.measure(float32, (b for [b] in _batches(calibration, CALIBRATION_BATCH)),
+                                  threads or os.cpu_count() or 1)
+        release_freed_memory()  # the interpreter's kept tensors, before the quantizer's peak
+        calibrated = ranges.write(float32, measured)
+    else:
+        calibrated = _calibrate(float32, calibration)
+    del float32  # only the calibrated copy is needed from here
     with quiet_stderr():  # the quantizer prints its settings from C++ on every call
         return bytes(mlir_quantize(calibrated, disable_per_channel=False,
                                    input_data_type=tf.uint8, output_data_type=tf.uint8))
 
 
-def _has_lstm(flatbuffer: bytes) -> bool:
-    """Whether any operator of the model is an LSTM (read from the operator table, not unpacked)."""
-    from tensorflow.lite.python import schema_py_generated as schema
+def _calibrate(float32: bytes, calibration: np.ndarray) -> bytes:
+    """The converter's own calibrator: the float32 flatbuffer with every tensor's min/max."""
+    from tensorflow.lite.python.optimize.calibrator import Calibrator, add_intermediate_tensors
 
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    model = schema.Model.GetRootAs(flatbuffer, 0)
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        op = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        if "LSTM" in names.get(op, ""):
-            return True
-    return False
+    from xray_edge.export.ranges import has_lstm
+
+    # Only LSTM-type operators need intermediate tensors; adding none still rewrites the whole
+    # flatbuffer (0.7 s for the tutorial's model), so it is called only when one is there.
+    calibrator = Calibrator(add_intermediate_tensors(float32) if has_lstm(float32) else float32)
+    calibrated = calibrator.calibrate(lambda: _batches(calibration, CALIBRATION_BATCH))
+    del calibrator
+    release_freed_memory()  # the calibration interpreter's buffers, before the quantizer's peak
+    return calibrated
 
 
 def _batches(images: np.ndarray, size: int) -> Iterator[list[np.ndarray]]:

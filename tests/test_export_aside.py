@@ -104,6 +104,7 @@ def test_float32_dense_weights_need_no_transpose(phantom_data):
     from tensorflow.lite.python import schema_py_generated as schema
 
     from xray_edge.export import tflite
+    from xray_edge.export.ranges import has_lstm
 
     flat = tflite.convert_float32(tiny_model(seed=9))
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -111,4 +112,4 @@ def test_float32_dense_weights_need_no_transpose(phantom_data):
     ops = {names[max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())]
            for i in range(model.OperatorCodesLength())}
     assert "FULLY_CONNECTED" in ops and "TRANSPOSE" not in ops, ops
-    assert not tflite._has_lstm(flat)
+    assert not has_lstm(flat)

@@ -74,3 +74,77 @@ def test_int8_route_refuses_an_empty_calibration_set():
 
     with pytest.raises(ValueError, match="calibration images"):
         tflite.quantize_int8(b"unused", np.zeros((0, 200, 200, 3), np.uint8))
+
+
+def _stored_ranges(flatbuffer: bytes) -> dict[int, tuple[float, float]]:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    graph = schema.Model.GetRootAs(flatbuffer, 0).Subgraphs(0)
+    out = {}
+    for i in range(graph.TensorsLength()):
+        q = graph.Tensors(i).Quantization()
+        if q is not None and q.MinLength():
+            out[i] = (q.Min(0), q.Max(0))
+    return out
+
+
+def test_measured_ranges_are_the_calibrators(phantom_data):
+    """The ranges recorded in LiteRT are the calibrator's: the same tensors, the same min and
+    max up to float rounding (XNNPACK sums in another order), stored where the calibrator stores them."""
+    from xray_edge.export import ranges, tflite
+
+    flat = tflite.convert_float32(tiny_model(seed=4))
+    calibration = real_images(phantom_data / "train", 13)[:13]
+    assert ranges.covered(flat)
+    theirs = _stored_ranges(tflite._calibrate(flat, calibration))
+    ours = ranges.measure(flat, (b for [b] in tflite._batches(calibration, tflite.CALIBRATION_BATCH)))
+
+    assert set(ours) == set(theirs) == set(ranges.loggable(flat)) and len(ours) >= 5
+    for i, (low, high) in theirs.items():
+        np.testing.assert_allclose(ours[i], (low, high), rtol=1e-5, atol=1e-6, err_msg=f"tensor {i}")
+    assert any(high > low > -1e-6 for low, high in ours.values())  # real activations, not zeros
+    stored = _stored_ranges(ranges.write(flat, ours))
+    assert stored == {i: (float(np.float32(lo)), float(np.float32(hi))) for i, (lo, hi) in ours.items()}
+
+
+def test_a_non_finite_activation_is_refused_in_one_line():
+    """An infinite or NaN activation is an error naming the tensor, not a range (the calibrator
+    only warns about NaN). 255 * 3e38 overflows float32 in the rescaling's product."""
+    import keras
+
+    from xray_edge.errors import XrayEdgeError
+    from xray_edge.export import ranges, tflite
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Rescaling(3e38),
+                              keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid")])
+    flat = tflite.convert_float32(model)
+    assert ranges.measure(flat, [np.zeros((2, 8, 8, 3), np.float32)])  # finite: measured
+    with pytest.raises(XrayEdgeError, match="non-finite") as err:
+        ranges.measure(flat, [np.zeros((2, 8, 8, 3), np.float32), np.full((2, 8, 8, 3), 255, np.float32)])
+    assert "\n" not in str(err.value)
+
+
+def test_models_the_measurement_does_not_cover_keep_the_calibrator(monkeypatch, phantom_data):
+    """A model in several subgraphs (a Keras LSTM becomes a WHILE loop) is left to the
+    calibrator, and that route gives the same quantization as the measured one."""
+    import keras
+    import tensorflow as tf
+
+    from xray_edge.export import ranges, tflite
+
+    keras.utils.set_random_seed(2)
+    lstm = keras.Sequential([keras.Input((6, 3)), keras.layers.LSTM(4), keras.layers.Dense(1)])
+    fn = tf.function(lambda x: lstm(x), input_signature=[tf.TensorSpec((1, 6, 3), tf.float32)])
+    looped = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], lstm).convert()
+    assert not ranges.covered(looped)
+
+    flat = tflite.convert_float32(tiny_model(seed=9))
+    calibration = real_images(phantom_data / "train", 13)[:13]
+    measured = _quantization(tflite.quantize_int8(flat, calibration))
+    monkeypatch.setattr(ranges, "covered", lambda flatbuffer: False)
+    calibrated = _quantization(tflite.quantize_int8(flat, calibration))
+    assert measured.keys() == calibrated.keys()
+    for name, (dtype, shape, scales, zeros) in calibrated.items():
+        assert measured[name][:2] == (dtype, shape), name
+        np.testing.assert_allclose(measured[name][2], scales, rtol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(measured[name][3], zeros, err_msg=name)

@@ -2,9 +2,11 @@
 
     .venv/bin/python tests/tools/bench_int8.py --artifacts /tmp/exp-art [--calibration 100]
 
-Prints the wall and CPU time of the float32 conversion, the calibration, the quantization and
-the converter's own int8 route, then how many tensors differ in dtype, shape, zero point or scale
-and how many raw uint8 outputs differ on the held-out images. Figures: docs/export.md.
+Prints the wall and CPU time of the float32 conversion, of the activation ranges measured both
+ways (the converter's calibrator, and export's `ranges` in LiteRT), of the MLIR quantization and
+of the converter's own int8 route; then how many tensors differ between export's int8 file and
+the converter's in dtype, shape or zero point, the largest relative scale difference, and how
+many raw uint8 outputs differ on the held-out images. Figures: docs/export.md.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 def timed(label: str, fn):
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    print(f"{label:<40} {time.perf_counter() - wall:6.1f} s wall {time.process_time() - cpu:6.1f} s CPU", flush=True)
+    print(f"{label:<46} {time.perf_counter() - wall:6.1f} s wall {time.process_time() - cpu:6.1f} s CPU", flush=True)
     return out
 
 
@@ -37,9 +39,9 @@ def main() -> None:
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
     from tensorflow.lite.python.convert import mlir_quantize
-    from tensorflow.lite.python.optimize.calibrator import Calibrator, add_intermediate_tensors
+    from tensorflow.lite.python.optimize.calibrator import Calibrator
 
-    from xray_edge.export import calibration, tflite
+    from xray_edge.export import calibration, ranges, tflite
     from xray_edge.preprocess import load_images
     from xray_edge.training_record import TrainingRecord
 
@@ -51,9 +53,11 @@ def main() -> None:
 
     batch = args.batch or tflite.CALIBRATION_BATCH
     flat = timed("float32 conversion", lambda: tflite.convert_float32(model))
-    calibrator = Calibrator(add_intermediate_tensors(flat))
-    calibrated = timed(f"calibration ({len(cal)} images, {batch} per step)",
-                       lambda: calibrator.calibrate(lambda: tflite._batches(cal, batch)))
+    timed(f"calibrator ({len(cal)} images, {batch} per step)",
+          lambda: Calibrator(flat).calibrate(lambda: tflite._batches(cal, batch)))
+    measured = timed(f"ranges in LiteRT ({len(cal)} images, {batch} per step)",
+                     lambda: ranges.measure(flat, (b for [b] in tflite._batches(cal, batch))))
+    calibrated = timed("ranges written into the flatbuffer", lambda: ranges.write(flat, measured))
     ours = timed("MLIR quantization", lambda: bytes(mlir_quantize(
         calibrated, disable_per_channel=False, input_data_type=tf.uint8, output_data_type=tf.uint8)))
     ref = timed("converter's public int8 route", lambda: tflite.convert_int8_with_converter(model, cal))
