@@ -1,7 +1,8 @@
 """int8 quantization in a second process, beside the rest of the export.
 
-Calibrating and quantizing the tutorial's model takes about 13 s of one core inside TensorFlow
-calls that hold Python's GIL, so a thread cannot overlap it with anything. A second process can:
+Measuring the activation ranges and quantizing take most of the export's time on the
+tutorial's model, and the quantizer holds Python's GIL throughout, so a thread cannot overlap
+it with anything. A second process can:
 it starts TensorFlow while the export loads the model, decodes the calibration images while the
 export converts float32, then quantizes that flatbuffer while the export converts ONNX and
 proves the other files. Figures: docs/export.md.
@@ -30,9 +31,9 @@ from xray_edge.preprocess import Preprocessing
 MIN_MODEL_BYTES = 20_000_000
 
 # 2 MB pages for the memory malloc maps (glibc >= 2.35 reads this at process start; other C
-# libraries ignore it). An export copies its weights between formats many times over; with 4 KB
-# pages the kernel's page faults were about a fifth of the export's CPU time (docs/export.md).
-# The Makefile sets it for the export; this process gets it here.
+# libraries ignore it). An export copies its weights between formats many times over, each time
+# into fresh memory; with 4 KB pages, system time (mostly page faults) was about a fifth of the
+# export's CPU time (docs/export.md). The Makefile sets it for the export; this process gets it here.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
@@ -123,6 +124,9 @@ class Int8Process:
 
 @contextlib.contextmanager
 def _environment(name: str, value: str):
+    """`name` set to `value` for what starts inside, then as it was: the export's own process
+    (and a program that calls it) keeps the user's environment. Used before TensorFlow starts
+    any thread of its own."""
     saved = os.environ.get(name)
     os.environ[name] = value
     try:

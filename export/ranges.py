@@ -4,14 +4,15 @@ written into the float32 flatbuffer where the MLIR quantizer reads them.
 This is what TensorFlow's calibrator records (tensorflow/lite/tools/optimize/calibration: the
 min and max of every non-constant float32 tensor an operator reads or writes, over all images),
 measured in a LiteRT interpreter that keeps every tensor and reduced with numpy. The calibrator
-logs value by value in scalar C++ (`MinMax::Update`, about 40% of its time): on the tutorial's
-model and 100 images this takes 2.4-2.6 s where the calibrator took 6.4-7.3 s (docs/export.md).
+logs value by value in scalar C++ (`MinMax::Update`, about 40% of its time); this takes about
+half its time on the tutorial's model, writing included (figures: docs/export.md). The price is
+memory: every activation of one batch is kept (about 110 MB for the tutorial's model at 10
+images).
 
 XNNPACK computes the float32 graph in another order than TensorFlow's kernels, so a range can
 differ in the 6th-7th significant digit; tests/test_export_int8.py bounds that against the
 calibrator, and the parity gate proves the int8 file either way. `covered` says which models
-this handles; the rest (several subgraphs, LSTM-type operators with intermediate tensors) keep
-the calibrator.
+this handles; the rest keep the calibrator.
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ FLT_MIN = float(np.finfo(np.float32).tiny)
 
 def covered(float32: bytes) -> bool:
     """Whether `measure` records every range the calibrator would for this model: one subgraph
-    and no LSTM-type operator (those log intermediate tensors that only the calibrator adds)."""
+    with one input, no LSTM-type operator (those log intermediate tensors only the calibrator
+    adds) and no variable tensor (state an operator updates in place: the calibrator logs the
+    value each operator read, `measure` only sees the last)."""
     from tensorflow.lite.python import schema_py_generated as schema
 
-    return schema.Model.GetRootAs(float32, 0).SubgraphsLength() == 1 and not has_lstm(float32)
+    model = schema.Model.GetRootAs(float32, 0)
+    if model.SubgraphsLength() != 1 or has_lstm(float32):
+        return False
+    graph = model.Subgraphs(0)
+    return graph.InputsLength() == 1 and not any(graph.Tensors(i).IsVariable()
+                                                 for i in range(graph.TensorsLength()))
 
 
 def has_lstm(float32: bytes) -> bool:
@@ -96,7 +104,10 @@ def measure(float32: bytes, batches: Iterable[np.ndarray], threads: int = 1) -> 
         it.set_tensor(inp, batch)
         it.invoke()
         for i in indices:
-            low, high = _min_max(it.tensor(i))
+            found = _min_max(it.tensor(i))
+            if found is None:  # an empty tensor: the calibrator records nothing for it either
+                continue
+            low, high = found
             if not (np.isfinite(low) and np.isfinite(high)):
                 raise XrayEdgeError(f"calibration: tensor {names.get(i, i)!r} took a non-finite value "
                                     "on the calibration images")
@@ -107,14 +118,14 @@ def measure(float32: bytes, batches: Iterable[np.ndarray], threads: int = 1) -> 
     # The calibrator starts every max at FLT_MIN, the smallest positive float, so it stores an
     # all-negative tensor with max 1.2e-38 rather than its own max. Done the same here so that
     # both routes store the same ranges; the quantizer widens every range to include 0 anyway.
-    return {i: (lo[i], max(hi[i], FLT_MIN)) for i in indices}
+    return {i: (lo[i], max(hi[i], FLT_MIN)) for i in lo}
 
 
-def _min_max(view) -> tuple[float, float]:
+def _min_max(view) -> tuple[float, float] | None:
     # the interpreter's own memory, read in place; no reference to it outlives this call,
     # which the interpreter requires before its next invoke
     values = view()
-    return float(values.min()), float(values.max())
+    return (float(values.min()), float(values.max())) if values.size else None
 
 
 def write(float32: bytes, ranges: Ranges) -> bytes:
@@ -126,7 +137,7 @@ def write(float32: bytes, ranges: Ranges) -> bytes:
     model = schema.ModelT.InitFromPackedBuf(float32, 0)  # weights stay numpy views of `float32`
     tensors = model.subgraphs[0].tensors
     for i, (low, high) in ranges.items():
-        q = tensors[i].quantization or schema.QuantizationParametersT()
+        q = schema.QuantizationParametersT()  # a fresh one, as the calibrator stores it
         q.min, q.max = [low], [high]
         tensors[i].quantization = q
     # sized once: the default 1 KiB builder grows by doubling, copying the weights each time

@@ -203,6 +203,8 @@ def quantize_int8(float32: bytes, calibration: np.ndarray, threads: int | None =
         threads: for measuring the ranges (None: every core; 1 beside other work).
 
     Raises:
+        XrayEdgeError: an activation took a NaN or infinite value (on the measured route; the
+            calibrator only warns about NaN).
         ImportError: this TensorFlow keeps those private functions elsewhere (use
             `convert_int8_with_converter`).
     """

@@ -187,3 +187,37 @@ def test_int8_file_is_integer_only_with_builtin_ops(tiny_artifacts):
     assert {"CONV_2D", "FULLY_CONNECTED"} <= ops and not any(o.startswith("Flex") for o in ops)
     dtypes = {np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
     assert "float32" not in dtypes and "int8" in dtypes, dtypes  # no float tensor anywhere
+
+
+def test_operating_point_reuses_known_outputs_and_skips_undecodable_files(tiny_artifacts, tmp_path):
+    """The threshold is the same whether Keras' outputs are computed here, partly given or all
+    given (then the model is never called); a file that cannot be decoded is left out each way."""
+    from dataclasses import replace
+
+    import keras
+
+    from xray_edge.export.operating_point import choose_threshold
+    from xray_edge.preprocess import load_images
+    from xray_edge.training_record import TrainingRecord
+
+    record = TrainingRecord.read(tiny_artifacts)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    # the fixture's record holds out a test split only: it serves as the validation split here
+    record = replace(record, files={**record.files, "validation": record.files["test"] + [str(bad)]},
+                     labels={**record.labels, "validation": record.labels["test"] + [0]})
+    model = keras.saving.load_model(tiny_artifacts / "model.keras", compile=False)
+    paths = record.split("validation")[0]
+    images, ok, errors = load_images(paths, record.preprocessing)
+    assert len(errors) == 1 and len(ok) == len(paths) - 1
+    known = dict(zip((paths[i] for i in ok), model.predict(images, verbose=0)))
+
+    computed = choose_threshold(model, record, record.preprocessing, 0.95)
+    all_given = choose_threshold(None, record, record.preprocessing, 0.95, known=known)
+    half = dict(list(known.items())[::2])
+    partly = choose_threshold(model, record, record.preprocessing, 0.95, known=half)
+    assert computed[1]["chosen_on"] == f"validation split, {len(ok)} images"
+    for threshold, point in (all_given, partly):
+        assert threshold == pytest.approx(computed[0], abs=1e-6)
+        assert point["chosen_on"] == computed[1]["chosen_on"]
+        assert point["validation_sensitivity"] == computed[1]["validation_sensitivity"]

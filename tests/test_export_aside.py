@@ -113,3 +113,11 @@ def test_float32_dense_weights_need_no_transpose(phantom_data):
            for i in range(model.OperatorCodesLength())}
     assert "FULLY_CONNECTED" in ops and "TRANSPOSE" not in ops, ops
     assert not has_lstm(flat)
+
+
+def test_huge_pages_join_the_users_tunables_and_keep_their_choice():
+    from xray_edge.export.int8_process import with_huge_pages
+
+    assert with_huge_pages(None) == with_huge_pages("") == "glibc.malloc.hugetlb=1"
+    assert with_huge_pages("glibc.malloc.check=0") == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
+    assert with_huge_pages("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"

@@ -1,5 +1,6 @@
-"""The int8 route (float32 flatbuffer -> calibrator -> MLIR quantizer, private TensorFlow APIs)
-against the converter's own public route: same quantization parameters, same raw outputs."""
+"""The int8 route (float32 flatbuffer -> activation ranges measured in LiteRT, or the converter's
+calibrator -> MLIR quantizer, private TensorFlow APIs) against the converter's public route and
+its calibrator: same ranges, same quantization parameters, same raw outputs."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def test_measured_ranges_are_the_calibrators(phantom_data):
     theirs = _stored_ranges(tflite._calibrate(flat, calibration))
     ours = ranges.measure(flat, (b for [b] in tflite._batches(calibration, tflite.CALIBRATION_BATCH)))
 
-    assert set(ours) == set(theirs) == set(ranges.loggable(flat)) and len(ours) >= 5
+    assert set(ours) == set(theirs) and len(ours) >= 5
     for i, (low, high) in theirs.items():
         np.testing.assert_allclose(ours[i], (low, high), rtol=1e-5, atol=1e-6, err_msg=f"tensor {i}")
     assert any(high > low > -1e-6 for low, high in ours.values())  # real activations, not zeros
@@ -119,14 +120,15 @@ def test_a_non_finite_activation_is_refused_in_one_line():
                               keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid")])
     flat = tflite.convert_float32(model)
     assert ranges.measure(flat, [np.zeros((2, 8, 8, 3), np.float32)])  # finite: measured
-    with pytest.raises(XrayEdgeError, match="non-finite") as err:
+    with pytest.raises(XrayEdgeError, match="tensor '[^']*rescaling[^']*' took a non-finite value") as err:
         ranges.measure(flat, [np.zeros((2, 8, 8, 3), np.float32), np.full((2, 8, 8, 3), 255, np.float32)])
     assert "\n" not in str(err.value)
 
 
 def test_models_the_measurement_does_not_cover_keep_the_calibrator(monkeypatch, phantom_data):
     """A model in several subgraphs (a Keras LSTM becomes a WHILE loop) is left to the
-    calibrator, and that route gives the same quantization as the measured one."""
+    calibrator; and the calibrator's route, forced for the tiny model, gives the same
+    quantization as the measured one."""
     import keras
     import tensorflow as tf
 
@@ -136,7 +138,9 @@ def test_models_the_measurement_does_not_cover_keep_the_calibrator(monkeypatch, 
     lstm = keras.Sequential([keras.Input((6, 3)), keras.layers.LSTM(4), keras.layers.Dense(1)])
     fn = tf.function(lambda x: lstm(x), input_signature=[tf.TensorSpec((1, 6, 3), tf.float32)])
     looped = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], lstm).convert()
-    assert not ranges.covered(looped)
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    assert schema.Model.GetRootAs(looped, 0).SubgraphsLength() > 1 and not ranges.covered(looped)
 
     flat = tflite.convert_float32(tiny_model(seed=9))
     calibration = real_images(phantom_data / "train", 13)[:13]
