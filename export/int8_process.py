@@ -32,7 +32,7 @@ MIN_MODEL_BYTES = 20_000_000
 
 # 2 MB pages for the memory malloc maps (glibc >= 2.35 reads this at process start; other C
 # libraries ignore it). An export copies its weights between formats many times over, each time
-# into fresh memory; with 4 KB pages, system time (mostly page faults) was about a fifth of the
+# into fresh memory; with 4 KB pages, system time (largely page faults) was about a fifth of the
 # export's CPU time (docs/export.md). The Makefile sets it for the export; this process gets it here.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
@@ -184,10 +184,13 @@ def _receive(conn, when: dict) -> bytes:
 
 
 def peak_gib() -> float:
-    """This process's peak resident memory so far, in GiB."""
-    import resource
+    """This process's peak resident memory so far, in GiB (NaN where there is no `resource`)."""
     import sys
 
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, else KiB
 

@@ -6,8 +6,7 @@ min and max of every non-constant float32 tensor an operator reads or writes, ov
 measured in a LiteRT interpreter that keeps every tensor and reduced with numpy. The calibrator
 logs value by value in scalar C++ (`MinMax::Update`, about 40% of its time); this takes about
 half its time on the tutorial's model, writing included (figures: docs/export.md). The price is
-memory: every activation of one batch is kept (about 110 MB for the tutorial's model at 10
-images).
+memory: every activation of one batch is kept (107 MB for the tutorial's model at 10 images).
 
 XNNPACK computes the float32 graph in another order than TensorFlow's kernels, so a range can
 differ in the 6th-7th significant digit; tests/test_export_int8.py bounds that against the

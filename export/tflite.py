@@ -217,7 +217,7 @@ def quantize_int8(float32: bytes, calibration: np.ndarray, threads: int | None =
         raise ValueError("int8 export needs calibration images")
 
     if ranges.covered(float32):
-        measured = ranges.measure(float32, (b for [b] in _batches(calibration, CALIBRATION_BATCH)),
+        measured = ranges.measure(float32, _batches(calibration, CALIBRATION_BATCH),
                                   threads or os.cpu_count() or 1)
         release_freed_memory()  # the interpreter's kept tensors, before the quantizer's peak
         calibrated = ranges.write(float32, measured)
@@ -238,13 +238,13 @@ def _calibrate(float32: bytes, calibration: np.ndarray) -> bytes:
     # Only LSTM-type operators need intermediate tensors; adding none still rewrites the whole
     # flatbuffer (0.7 s for the tutorial's model), so it is called only when one is there.
     calibrator = Calibrator(add_intermediate_tensors(float32) if has_lstm(float32) else float32)
-    calibrated = calibrator.calibrate(lambda: _batches(calibration, CALIBRATION_BATCH))
+    calibrated = calibrator.calibrate(lambda: ([b] for b in _batches(calibration, CALIBRATION_BATCH)))
     del calibrator
     release_freed_memory()  # the calibration interpreter's buffers, before the quantizer's peak
     return calibrated
 
 
-def _batches(images: np.ndarray, size: int) -> Iterator[list[np.ndarray]]:
+def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
     """Equal-sized float32 batches; the last is topped up with images already seen, which leaves
     every min and max unchanged (the calibrator sizes its input once, from the first batch)."""
     size = min(size, len(images))
@@ -252,7 +252,7 @@ def _batches(images: np.ndarray, size: int) -> Iterator[list[np.ndarray]]:
         batch = images[start:start + size]
         if len(batch) < size:
             batch = np.concatenate([batch, images[:size - len(batch)]])
-        yield [batch.astype(np.float32)]
+        yield batch.astype(np.float32)
 
 
 def convert_int8_with_converter(model, calibration: np.ndarray) -> bytes:

@@ -64,7 +64,7 @@ def test_calibration_batches_cover_every_image_once_and_repeat_only_seen_ones():
     from xray_edge.export.tflite import _batches
 
     images = np.arange(23, dtype=np.uint8).reshape(23, 1, 1, 1)
-    batches = [b[0] for b in _batches(images, 10)]
+    batches = list(_batches(images, 10))
     assert [len(b) for b in batches] == [10, 10, 10] and all(b.dtype == np.float32 for b in batches)
     seen = np.concatenate(batches).ravel()
     assert set(seen[:23]) == set(range(23)) and set(seen[23:]) <= set(range(23))
@@ -98,7 +98,7 @@ def test_measured_ranges_are_the_calibrators(phantom_data):
     calibration = real_images(phantom_data / "train", 13)[:13]
     assert ranges.covered(flat)
     theirs = _stored_ranges(tflite._calibrate(flat, calibration))
-    ours = ranges.measure(flat, (b for [b] in tflite._batches(calibration, tflite.CALIBRATION_BATCH)))
+    ours = ranges.measure(flat, tflite._batches(calibration, tflite.CALIBRATION_BATCH))
 
     assert set(ours) == set(theirs) and len(ours) >= 5
     for i, (low, high) in theirs.items():

@@ -54,9 +54,9 @@ def main() -> None:
     batch = args.batch or tflite.CALIBRATION_BATCH
     flat = timed("float32 conversion", lambda: tflite.convert_float32(model))
     timed(f"calibrator ({len(cal)} images, {batch} per step)",
-          lambda: Calibrator(flat).calibrate(lambda: tflite._batches(cal, batch)))
+          lambda: Calibrator(flat).calibrate(lambda: ([b] for b in tflite._batches(cal, batch))))
     measured = timed(f"ranges in LiteRT ({len(cal)} images, {batch} per step)",
-                     lambda: ranges.measure(flat, (b for [b] in tflite._batches(cal, batch))))
+                     lambda: ranges.measure(flat, tflite._batches(cal, batch)))
     calibrated = timed("ranges written into the flatbuffer", lambda: ranges.write(flat, measured))
     ours = timed("MLIR quantization", lambda: bytes(mlir_quantize(
         calibrated, disable_per_channel=False, input_data_type=tf.uint8, output_data_type=tf.uint8)))
