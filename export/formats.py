@@ -22,7 +22,6 @@ class ModelSource:
         self.formats = formats  # all the export makes: which conversions are worth keeping
         self._float_tflite: bytes | None = None
         self._float_onnx: bytes | None = None
-        self.seconds: dict[str, float] = {}  # conversion seconds per format, as the export times them
 
     def float_tflite(self) -> bytes:
         from xray_edge.export import tflite

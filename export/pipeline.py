@@ -118,17 +118,11 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
         here = [f for f in formats if not (aside and f.name == "int8")]  # made in this process
         source = ModelSource(model, [f.name for f in formats])
+        seconds: dict[str, float] = {}  # conversion seconds per format
         if source.FROM_FLOAT_TFLITE & set(source.formats):
             with steps("convert float32") as t:  # first: int8 starts from it
-                if aside:  # decoded there while this process converts
-                    aside.calibrate_on(cfg.model, sets.calibration, spec)
-                float32 = source.float_tflite()
-                if aside:
-                    aside.quantize(float32)
-                    log("int8: calibrating and quantizing in a second process, beside the next steps")
-                del float32
-                source.release_float_tflite_unless(here)
-            source.seconds["float32"] = t.seconds
+                _float32_first(source, aside, here, cfg.model, sets, spec, log)
+            seconds["float32"] = t.seconds
         with steps("images and Keras reference"):
             cal_images, (par_paths, par_images) = _images(sets, spec, any(f.needs_calibration for f in here), log)
             reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
@@ -137,43 +131,66 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             src = _describe(cfg, model, record, meta, spec, known=dict(zip(par_paths, reference)))
             log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
         del model  # the source holds it until the last conversion
+        proof = _Proof(reference, par_images, src, cfg, steps, log)
 
         with steps("open staging folder"):
             stage = Staging(cfg.out, before=cfg.on_step)
         with stage:
             for i, fmt in enumerate(here):
-                _convert(fmt, source, cal_images, src, stage, steps, cfg.tamper)
+                _convert(fmt, source, cal_images, src, stage, steps, cfg.tamper, seconds)
                 source.release_float_tflite_unless(here[i + 1:])
             source.release()  # the Keras model and cached conversions: memory back for the proofs
             release_freed_memory()
             # one thread each while int8 is made aside: the second core is its
-            threads = 1 if aside else None
-            proven = [_prove(fmt, stage, reference, par_images, src.info, cfg.gates, steps, log, threads)
-                      for fmt in here]
+            proven = [proof(fmt, stage, threads=1 if aside else None) for fmt in here]
             if aside:
-                proven.append(_collect_aside(aside, src, stage, reference, par_images, cfg, steps, log))
-                source.seconds["int8"] = round(aside.figures["images"] + aside.figures["quantize"], 2)
-            asked = [f.name for f in formats]
-            results = sorted((res for res, _ in proven), key=lambda r: asked.index(r.format))
-            passed = {e.format: e for _, e in proven if e}
-            files = {}
-            for f in formats:  # in the order asked
-                if f.name in passed:
-                    entry = passed[f.name]
-                    files[f.file] = replace(entry, seconds={"convert": source.seconds[f.name], **entry.seconds})
+                proven.append(_collect_aside(aside, src, stage, proof, cfg.tamper, steps, log))
+                seconds["int8"] = round(aside.figures["images"] + aside.figures["quantize"], 2)
+            results, files = _results_and_files(formats, proven, seconds)
             n_cal = aside.images if aside else len(cal_images)
             manifest = _manifest(cfg, src, files, results, n_cal, len(par_images), sets.source)
-            if all(r.passed for r in results):
-                try:
-                    with steps("publish"):
-                        stage.publish(manifest, owned=[f.file for f in FORMATS.values()])
-                except ExportFailed as exc:
-                    raise ExportFailed(str(exc), partial=bool(stage.changed)) from exc.__cause__
-            else:
-                failed = ", ".join(f"{r.format} ({'; '.join(r.failed_gates)})" for r in results if not r.passed)
-                log(f"refused: {failed}; nothing was written to {cfg.out}")
+            _publish(stage, manifest, results, cfg.out, steps, log)
     steps.timings["total"] = time.perf_counter() - steps.start
     return ExportResult(manifest, results, steps.timings)
+
+
+def _float32_first(source: ModelSource, aside: int8_process.Int8Process | None, here: list[Format],
+                   model: Path, sets: calibration.ImageSets, spec: Preprocessing, log) -> None:
+    """Convert float32 before anything else and hand it to the int8 process, if there is one;
+    keep it only if a format made here still starts from it."""
+    if aside:  # decoded there while this process converts
+        aside.calibrate_on(model, sets.calibration, spec)
+    float32 = source.float_tflite()
+    if aside:
+        aside.quantize(float32)
+        log("int8: calibrating and quantizing in a second process, beside the next steps")
+    del float32
+    source.release_float_tflite_unless(here)
+
+
+def _results_and_files(formats: list[Format], proven: list[tuple[parity.ParityResult, FileEntry | None]],
+                       seconds: dict[str, float]) -> tuple[list[parity.ParityResult], dict[str, FileEntry]]:
+    """Every format's parity result, and the manifest entry of each that passed, in the order asked."""
+    asked = [f.name for f in formats]
+    results = sorted((res for res, _ in proven), key=lambda r: asked.index(r.format))
+    passed = {e.format: e for _, e in proven if e}
+    files = {f.file: replace(passed[f.name], seconds={"convert": seconds[f.name], **passed[f.name].seconds})
+             for f in formats if f.name in passed}
+    return results, files
+
+
+def _publish(stage: Staging, manifest: Manifest, results: list[parity.ParityResult], out: Path,
+             steps: "_Steps", log) -> None:
+    """Publish the staged set if every file passed; otherwise say which failed and publish nothing."""
+    if not all(r.passed for r in results):
+        failed = ", ".join(f"{r.format} ({'; '.join(r.failed_gates)})" for r in results if not r.passed)
+        log(f"refused: {failed}; nothing was written to {out}")
+        return
+    try:
+        with steps("publish"):
+            stage.publish(manifest, owned=[f.file for f in FORMATS.values()])
+    except ExportFailed as exc:
+        raise ExportFailed(str(exc), partial=bool(stage.changed)) from exc.__cause__
 
 
 def _int8_aside(cfg: ExportConfig, formats: list[Format]) -> bool:
@@ -192,20 +209,20 @@ def _images_line(cal_images: np.ndarray, par_images: np.ndarray, sets: calibrati
 
 
 def _convert(fmt: Format, source: ModelSource, cal_images: np.ndarray, src: "_Source", stage: Staging,
-             steps: "_Steps", tamper) -> None:
-    """Write one format into the staging folder, with its embedded metadata. A format converted
-    in its own step before (float32: int8 starts from it) only gets its metadata here."""
-    early = fmt.name in source.seconds
+             steps: "_Steps", tamper, seconds: dict[str, float]) -> None:
+    """Write one format into the staging folder, with its embedded metadata, and note its
+    conversion seconds. A format converted in its own step before (float32: int8 starts from it)
+    has its seconds already, and only gets its metadata here."""
+    early = fmt.name in seconds
     with steps(f"write {fmt.name}" if early else f"convert {fmt.name}") as t:
         data = fmt.convert(source, cal_images, _embedded(src, fmt))
         stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
     if not early:
-        source.seconds[fmt.name] = t.seconds
+        seconds[fmt.name] = t.seconds
 
 
-def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Staging, reference: np.ndarray,
-                   images: np.ndarray, cfg: ExportConfig, steps: "_Steps", log
-                   ) -> tuple[parity.ParityResult, FileEntry | None]:
+def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Staging, proof: "_Proof",
+                   tamper, steps: "_Steps", log) -> tuple[parity.ParityResult, FileEntry | None]:
     """Wait for the int8 file made in the second process, then stage and prove it."""
     fmt = FORMATS["int8"]
     with steps("convert int8"):
@@ -213,23 +230,30 @@ def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Stagi
         fig = aside.figures
         log(f"  int8, in the second process: {aside.images} images decoded in {fig['images']:.1f} s, "
             f"calibrated and quantized in {fig['quantize']:.1f} s, peak memory {fig['peak_gib']:.2f} GiB")
-        stage.write(fmt.file, cfg.tamper(fmt.name, data) if cfg.tamper else data)
-    return _prove(fmt, stage, reference, images, src.info, cfg.gates, steps, log)
+        stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
+    return proof(fmt, stage)
 
 
-def _prove(fmt: Format, stage: Staging, reference: np.ndarray, images: np.ndarray, info: ModelInfo,
-           gates: parity.Gates, steps: "_Steps", log, threads: int | None = None
-           ) -> tuple[parity.ParityResult, FileEntry | None]:
-    """Prove one staged file; returns its result and, if it passed, its manifest entry."""
-    with steps(f"prove {fmt.name}") as t:
-        res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
-                                    images, info, fmt.gates, gates, threads)
-        log(res.line())
-    release_freed_memory()  # the runtime's buffers, before the next step (or the int8 process) peaks
-    if not res.passed:
-        return res, None
-    entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
-    return res, replace(entry, seconds={"prove": t.seconds})
+class _Proof:
+    """Proves one staged file against Keras on the parity images; returns its result and, if it
+    passed, its manifest entry."""
+
+    def __init__(self, reference: np.ndarray, images: np.ndarray, src: "_Source", cfg: ExportConfig,
+                 steps: "_Steps", log):
+        self.reference, self.images, self.info = reference, images, src.info
+        self.gates, self.steps, self.log = cfg.gates, steps, log
+
+    def __call__(self, fmt: Format, stage: Staging, threads: int | None = None
+                 ) -> tuple[parity.ParityResult, FileEntry | None]:
+        with self.steps(f"prove {fmt.name}") as t:
+            res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), self.reference,
+                                        self.images, self.info, fmt.gates, self.gates, threads)
+            self.log(res.line())
+        release_freed_memory()  # the runtime's buffers, before the next step (or the int8 process) peaks
+        if not res.passed:
+            return res, None
+        entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
+        return res, replace(entry, seconds={"prove": t.seconds})
 
 
 class _Steps:
