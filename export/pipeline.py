@@ -131,7 +131,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             src = _describe(cfg, model, record, meta, spec, known=dict(zip(par_paths, reference)))
             log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
         del model  # the source holds it until the last conversion
-        proof = _Proof(reference, par_images, src, cfg, steps, log)
+        proof = _Proof(reference, par_images, src.info, cfg.gates, steps, log)
 
         with steps("open staging folder"):
             stage = Staging(cfg.out, before=cfg.on_step)
@@ -155,11 +155,11 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
 
 
 def _float32_first(source: ModelSource, aside: int8_process.Int8Process | None, here: list[Format],
-                   model: Path, sets: calibration.ImageSets, spec: Preprocessing, log) -> None:
+                   model_path: Path, sets: calibration.ImageSets, spec: Preprocessing, log) -> None:
     """Convert float32 before anything else and hand it to the int8 process, if there is one;
     keep it only if a format made here still starts from it."""
     if aside:  # decoded there while this process converts
-        aside.calibrate_on(model, sets.calibration, spec)
+        aside.calibrate_on(model_path, sets.calibration, spec)
     float32 = source.float_tflite()
     if aside:
         aside.quantize(float32)
@@ -174,8 +174,11 @@ def _results_and_files(formats: list[Format], proven: list[tuple[parity.ParityRe
     asked = [f.name for f in formats]
     results = sorted((res for res, _ in proven), key=lambda r: asked.index(r.format))
     passed = {e.format: e for _, e in proven if e}
-    files = {f.file: replace(passed[f.name], seconds={"convert": seconds[f.name], **passed[f.name].seconds})
-             for f in formats if f.name in passed}
+    files = {}
+    for f in formats:
+        if f.name in passed:
+            entry = passed[f.name]
+            files[f.file] = replace(entry, seconds={"convert": seconds[f.name], **entry.seconds})
     return results, files
 
 
@@ -238,10 +241,10 @@ class _Proof:
     """Proves one staged file against Keras on the parity images; returns its result and, if it
     passed, its manifest entry."""
 
-    def __init__(self, reference: np.ndarray, images: np.ndarray, src: "_Source", cfg: ExportConfig,
+    def __init__(self, reference: np.ndarray, images: np.ndarray, info: ModelInfo, gates: parity.Gates,
                  steps: "_Steps", log):
-        self.reference, self.images, self.info = reference, images, src.info
-        self.gates, self.steps, self.log = cfg.gates, steps, log
+        self.reference, self.images, self.info = reference, images, info
+        self.gates, self.steps, self.log = gates, steps, log
 
     def __call__(self, fmt: Format, stage: Staging, threads: int | None = None
                  ) -> tuple[parity.ParityResult, FileEntry | None]:

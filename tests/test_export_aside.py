@@ -43,7 +43,30 @@ def test_the_second_process_makes_the_same_int8_file(exported):
         assert (root / "aside" / name).read_bytes() == (root / "here" / name).read_bytes(), name
     assert aside.manifest.calibration["images"] == here.manifest.calibration["images"] > 0
     assert list(aside.manifest.files) == list(here.manifest.files)  # in the order asked
+    for result in (here, aside):
+        # float32 converted once, early (int8 starts from it), and only written later
+        assert {"convert float32", "write float32", "convert onnx", "prove int8"} <= set(result.timings)
+        for name, entry in result.manifest.files.items():
+            assert set(entry.seconds) == {"convert", "prove"} and min(entry.seconds.values()) >= 0, name
+    assert "convert int8" in aside.timings  # collected from the second process as its own step
     assert not multiprocessing.active_children()
+
+
+def test_while_int8_is_made_aside_the_other_proofs_take_one_core(exported, tmp_path, monkeypatch):
+    from xray_edge.export import parity
+
+    model, *_ = exported
+    prove, threads = parity.prove, {}
+
+    def recording(fmt, *args):
+        threads[fmt] = args[-1]
+        return prove(fmt, *args)
+
+    monkeypatch.setattr(parity, "prove", recording)
+    result, _ = _export(model, tmp_path / "out", aside=True)
+    assert result.passed
+    # the second core is the int8 process's until its file is back; its own proof takes every core
+    assert threads == {"float32": 1, "onnx": 1, "int8": None}
 
 
 def _fails_cleanly(exported, tmp_path, on_step, error: str, **kw) -> None:
