@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import importlib.metadata
 import platform
 import time
@@ -118,11 +119,10 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
         here = [f for f in formats if not (aside and f.name == "int8")]  # made in this process
         source = ModelSource(model, [f.name for f in formats])
-        seconds: dict[str, float] = {}  # conversion seconds per format
-        if source.FROM_FLOAT_TFLITE & set(source.formats):
-            with steps("convert float32") as t:  # first: int8 starts from it
+        float_first = bool(source.FROM_FLOAT_TFLITE & set(source.formats))
+        if float_first:
+            with steps("convert float32"):  # first: int8 starts from it
                 _float32_first(source, aside, here, cfg.model, sets, spec, log)
-            seconds["float32"] = t.seconds
         with steps("images and Keras reference"):
             cal_images, (par_paths, par_images) = _images(sets, spec, any(f.needs_calibration for f in here), log)
             reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
@@ -131,13 +131,15 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             src = _describe(cfg, model, record, meta, spec, known=dict(zip(par_paths, reference)))
             log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
         del model  # the source holds it until the last conversion
-        proof = _Proof(reference, par_images, src.info, cfg.gates, steps, log)
+        proof = functools.partial(_prove, reference=reference, images=par_images, info=src.info,
+                                  gates=cfg.gates, steps=steps, log=log)
 
         with steps("open staging folder"):
             stage = Staging(cfg.out, before=cfg.on_step)
         with stage:
             for i, fmt in enumerate(here):
-                _convert(fmt, source, cal_images, src, stage, steps, cfg.tamper, seconds)
+                early = float_first and fmt.name == "float32"  # converted in its own step above
+                _convert(fmt, source, cal_images, src, stage, steps, cfg.tamper, early)
                 source.release_float_tflite_unless(here[i + 1:])
             source.release()  # the Keras model and cached conversions: memory back for the proofs
             release_freed_memory()
@@ -145,8 +147,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             proven = [proof(fmt, stage, threads=1 if aside else None) for fmt in here]
             if aside:
                 proven.append(_collect_aside(aside, src, stage, proof, cfg.tamper, steps, log))
-                seconds["int8"] = round(aside.figures["images"] + aside.figures["quantize"], 2)
-            results, files = _results_and_files(formats, proven, seconds)
+            results, files = _results_and_files(formats, proven, _convert_seconds(steps.timings, aside))
             n_cal = aside.images if aside else len(cal_images)
             manifest = _manifest(cfg, src, files, results, n_cal, len(par_images), sets.source)
             _publish(stage, manifest, results, cfg.out, steps, log)
@@ -166,6 +167,15 @@ def _float32_first(source: ModelSource, aside: int8_process.Int8Process | None, 
         log("int8: calibrating and quantizing in a second process, beside the next steps")
     del float32
     source.release_float_tflite_unless(here)
+
+
+def _convert_seconds(timings: dict[str, float], aside: int8_process.Int8Process | None) -> dict[str, float]:
+    """Conversion seconds per format, from the step timings; int8 made aside by the second
+    process's own figures (its step here is only the wait for it)."""
+    seconds = {name[len("convert "):]: t for name, t in timings.items() if name.startswith("convert ")}
+    if aside:
+        seconds["int8"] = round(aside.figures["images"] + aside.figures["quantize"], 2)
+    return seconds
 
 
 def _results_and_files(formats: list[Format], proven: list[tuple[parity.ParityResult, FileEntry | None]],
@@ -212,19 +222,15 @@ def _images_line(cal_images: np.ndarray, par_images: np.ndarray, sets: calibrati
 
 
 def _convert(fmt: Format, source: ModelSource, cal_images: np.ndarray, src: "_Source", stage: Staging,
-             steps: "_Steps", tamper, seconds: dict[str, float]) -> None:
-    """Write one format into the staging folder, with its embedded metadata, and note its
-    conversion seconds. A format converted in its own step before (float32: int8 starts from it)
-    has its seconds already, and only gets its metadata here."""
-    early = fmt.name in seconds
-    with steps(f"write {fmt.name}" if early else f"convert {fmt.name}") as t:
+             steps: "_Steps", tamper, early: bool) -> None:
+    """Write one format into the staging folder, with its embedded metadata. A format converted
+    `early`, in its own step (float32: int8 starts from it), only gets its metadata here."""
+    with steps(f"write {fmt.name}" if early else f"convert {fmt.name}"):
         data = fmt.convert(source, cal_images, _embedded(src, fmt))
         stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
-    if not early:
-        seconds[fmt.name] = t.seconds
 
 
-def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Staging, proof: "_Proof",
+def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Staging, proof: Callable,
                    tamper, steps: "_Steps", log) -> tuple[parity.ParityResult, FileEntry | None]:
     """Wait for the int8 file made in the second process, then stage and prove it."""
     fmt = FORMATS["int8"]
@@ -237,26 +243,20 @@ def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Stagi
     return proof(fmt, stage)
 
 
-class _Proof:
-    """Proves one staged file against Keras on the parity images; returns its result and, if it
+def _prove(fmt: Format, stage: Staging, threads: int | None = None, *, reference: np.ndarray,
+           images: np.ndarray, info: ModelInfo, gates: parity.Gates, steps: "_Steps", log
+           ) -> tuple[parity.ParityResult, FileEntry | None]:
+    """Prove one staged file against Keras on the parity images; returns its result and, if it
     passed, its manifest entry."""
-
-    def __init__(self, reference: np.ndarray, images: np.ndarray, info: ModelInfo, gates: parity.Gates,
-                 steps: "_Steps", log):
-        self.reference, self.images, self.info = reference, images, info
-        self.gates, self.steps, self.log = gates, steps, log
-
-    def __call__(self, fmt: Format, stage: Staging, threads: int | None = None
-                 ) -> tuple[parity.ParityResult, FileEntry | None]:
-        with self.steps(f"prove {fmt.name}") as t:
-            res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), self.reference,
-                                        self.images, self.info, fmt.gates, self.gates, threads)
-            self.log(res.line())
-        release_freed_memory()  # the runtime's buffers, before the next step (or the int8 process) peaks
-        if not res.passed:
-            return res, None
-        entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
-        return res, replace(entry, seconds={"prove": t.seconds})
+    with steps(f"prove {fmt.name}") as t:
+        res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
+                                    images, info, fmt.gates, gates, threads)
+        log(res.line())
+    release_freed_memory()  # the runtime's buffers, before the next step (or the int8 process) peaks
+    if not res.passed:
+        return res, None
+    entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
+    return res, replace(entry, seconds={"prove": t.seconds})
 
 
 class _Steps:
