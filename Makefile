@@ -46,12 +46,8 @@ $(BIN)/.gpu: $(BIN)/.installed
 train: $(BIN)/.gpu
 	$(BIN)/xray-edge train $(if $(DATA),--data "$(DATA)") --epochs $(EPOCHS) --out "$(OUT)" $(TRAIN_ARGS)
 
-# 2 MB pages for malloc's large buffers: a few seconds of page faults less (export/int8_process.py),
-# unless GLIBC_TUNABLES already says how (a user's own hugetlb choice is kept)
 export: $(BIN)/.installed
-	@case "$$GLIBC_TUNABLES" in *glibc.malloc.hugetlb*) ;; \
-	  *) GLIBC_TUNABLES="$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1";; esac; \
-	set -x; GLIBC_TUNABLES="$$GLIBC_TUNABLES" $(BIN)/xray-edge export --model "$(OUT)/model.keras" $(EXPORT_ARGS)
+	$(BIN)/xray-edge export --model "$(OUT)/model.keras" $(EXPORT_ARGS)
 
 report: $(BIN)/.installed
 	$(BIN)/xray-edge report --artifacts "$(OUT)"

@@ -227,13 +227,9 @@ def _default_cache_dir() -> Path:
 @click.option("--int8-atol", type=float, default=None, help="Gate: max |Δp| for int8 (default 0.05).")
 @click.option("--int8-max-flips", type=float, default=None,
               help="Gate: share of parity images whose decision may flip in int8 (default 0.01).")
-@click.option("--one-process", is_flag=True,
-              help="Quantize int8 in this process. By default a large model's int8 is made in a second "
-                   "process beside the other steps (faster on two cores or more, a second TensorFlow "
-                   "start's memory; docs/export.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model, out, formats, data, calibration_size, parity_size, threshold, target_sensitivity,
-           float_atol, int8_atol, int8_max_flips, one_process, as_json):
+           float_atol, int8_atol, int8_max_flips, as_json):
     """Convert model.keras to TFLite float32, TFLite int8 and ONNX, each proven against Keras.
 
     The model is checked first (every requested format must be able to translate it); each file
@@ -242,7 +238,7 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     manifest last; otherwise the output folder is left as it was and the command exits 1.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # Found, not imported: TensorFlow starts inside the export, beside its int8 process.
+    # Found, not imported: TensorFlow starts inside the export.
     missing = [m for m in ("keras", "tensorflow", "onnx") if importlib.util.find_spec(m) is None]
     if missing:
         raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({', '.join(missing)} missing)")
@@ -257,8 +253,7 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     cfg = ExportConfig(model=model, out=out or model.parent,
                        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), data=data,
                        calibration_size=calibration_size, parity_size=parity_size,
-                       threshold=threshold, target_sensitivity=target_sensitivity, gates=gates,
-                       int8_process=False if one_process else None)
+                       threshold=threshold, target_sensitivity=target_sensitivity, gates=gates)
     with tool_errors():  # bad configuration: exit 2; a failed step or gate: exit 1, below
         try:
             result = run_export(cfg, log=lambda s: click.echo(s, err=as_json))
@@ -273,9 +268,8 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
         click.echo(format_files_table(result.manifest))
         click.echo(f"manifest: {cfg.out / 'manifest.json'}  ({result.timings['total']:.1f} s)")
     if not result.passed:
-        failed = ", ".join(r.format for r in result.results if not r.passed)
-        click.echo(f"error: parity gate failed for {failed}; nothing was written, "
-                   f"{cfg.out} was left as it was", err=True)
+        click.echo(f"error: parity gate {result.remedy}; nothing was written, {cfg.out} was left as it was",
+                   err=True)
         sys.exit(EXIT_SOME_FAILED)
 
 

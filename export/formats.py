@@ -12,23 +12,12 @@ from xray_edge.metadata import tflite_with_metadata
 
 
 class ModelSource:
-    """The Keras model and the float conversions other formats start from, each made once:
-    int8 TFLite quantizes the float32 flatbuffer, int8 ONNX the float ONNX graph."""
-
-    FROM_FLOAT_TFLITE = frozenset({"float32", "int8"})  # the formats made from the float32 flatbuffer
+    """The Keras model, and the float ONNX graph that both ONNX formats start from, made once."""
 
     def __init__(self, model, formats: list[str]):
         self.model = model
-        self.formats = formats  # all the export makes: which conversions are worth keeping
-        self._float_tflite: bytes | None = None
+        self.formats = formats  # all the export makes
         self._float_onnx: bytes | None = None
-
-    def float_tflite(self) -> bytes:
-        from xray_edge.export import tflite
-
-        if self._float_tflite is None:
-            self._float_tflite = tflite.convert_float32(self.model)
-        return self._float_tflite
 
     def float_onnx(self) -> bytes:
         """Float ONNX with empty metadata; each format sets its own."""
@@ -38,17 +27,12 @@ class ModelSource:
             self._float_onnx = keras_to_onnx(self.model, {})
         return self._float_onnx
 
-    def release_float_tflite_unless(self, still_to_make: list) -> None:
-        """Drop the float32 flatbuffer unless a format still to be made here starts from it."""
-        if not any(f.name in self.FROM_FLOAT_TFLITE for f in still_to_make):
-            self._float_tflite = None
-
     def release(self) -> None:
-        """Drop the Keras model and the cached conversions (each as large as the weights: 164 MB
-        for the tutorial's model), once every format made in this process is converted."""
+        """Drop the Keras model and the cached ONNX graph (each as large as the weights) once
+        every format is converted."""
         import gc
 
-        self.model = self._float_tflite = self._float_onnx = None
+        self.model = self._float_onnx = None
         gc.collect()  # a Keras model is held in reference cycles
 
 
@@ -70,7 +54,9 @@ class Format:
 
 
 def _float32(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:
-    return tflite_with_metadata(source.float_tflite(), metadata)
+    from xray_edge.export import tflite
+
+    return tflite_with_metadata(tflite.convert_float32(source.model), metadata)
 
 
 def _float16(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:
@@ -82,11 +68,7 @@ def _float16(source: ModelSource, calibration: np.ndarray, metadata: dict) -> by
 def _int8(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:
     from xray_edge.export import tflite
 
-    try:
-        flat = tflite.quantize_int8(source.float_tflite(), calibration)
-    except ImportError:  # this TensorFlow moved the private quantizer: the converter's own route
-        flat = tflite.convert_int8_with_converter(source.model, calibration)
-    return tflite_with_metadata(flat, metadata)
+    return tflite_with_metadata(tflite.convert_int8(source.model, calibration), metadata)
 
 
 def _onnx(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from xray_edge.export.onnx import UnsupportedLayer, refusal
+from xray_edge.export.layers import UnsupportedLayer, layer_chain
+from xray_edge.export.onnx import refusal
 from xray_edge.preprocess import Preprocessing
 
 ONNX_FORMATS = {"onnx", "onnx-int8"}  # the formats made by the layer-by-layer ONNX emitter
@@ -45,37 +46,6 @@ def check_model(model, spec: Preprocessing, formats: Iterable[str]) -> None:
             reason = refusal(layer, layer_in)
             if reason:
                 raise UnsupportedLayer(f"ONNX: {reason}")
-
-
-def layer_chain(model) -> list[tuple[object, tuple]]:
-    """The model's layers from input to output, each with the shape of the tensor it receives.
-
-    Walks back from the output through each layer's single input, so it sees exactly what the
-    output depends on, in order, and how often each layer is called.
-
-    Raises:
-        UnsupportedLayer: a layer with several inputs (a merge) or one called more than once.
-    """
-    chain: list[tuple[object, tuple]] = []
-    seen: set[int] = set()
-    tensor = model.outputs[0]
-    while True:
-        history = tensor._keras_history  # Keras 3: (operation, node_index, tensor_index)
-        layer = history.operation
-        if type(layer).__name__ == "InputLayer":
-            break
-        where = f"layer {layer.name!r} ({type(layer).__name__})"
-        if id(layer) in seen:
-            raise UnsupportedLayer(f"{where} is called more than once: export translates a "
-                                   "chain in which each layer is used once")
-        seen.add(id(layer))
-        inputs = layer._inbound_nodes[history.node_index].input_tensors
-        if len(inputs) != 1:
-            raise UnsupportedLayer(f"{where} takes {len(inputs)} inputs: export translates a "
-                                   "single chain of layers (no merges or branches)")
-        chain.append((layer, tuple(inputs[0].shape)))
-        tensor = inputs[0]
-    return chain[::-1]
 
 
 def _shape(shape: tuple) -> str:

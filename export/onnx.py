@@ -15,16 +15,12 @@ import logging
 
 import numpy as np
 
-from xray_edge.errors import XrayEdgeError
+from xray_edge.export.layers import UnsupportedLayer, layer_chain
 
 ONNX_OPSET = 17  # ONNX 1.12+ / onnxruntime 1.12+, the oldest a Raspberry Pi pip install gets
 ONNX_IR_VERSION = 8
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
-
-
-class UnsupportedLayer(XrayEdgeError):
-    """A model shape, layer or option the emitter does not translate; the message names it."""
 
 
 def quantize_qdq(float_model: bytes, calibration: np.ndarray, metadata: dict) -> bytes:
@@ -102,8 +98,6 @@ def keras_to_onnx(model, metadata: dict) -> bytes:
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    from xray_edge.export.model_check import layer_chain
 
     chain = layer_chain(model)
     for layer, in_shape in chain:

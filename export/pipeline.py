@@ -3,11 +3,10 @@
 The steps, each timed and named in any error:
 1. load the Keras model and what training recorded beside it;
 2. check that every requested format can be made from it (`model_check`), before converting;
-3. convert float32 TFLite first: int8 starts from it, in a second process when that pays
-   (`int8_process`), and runs beside every step below until its own proof;
-4. choose the operating point, load the parity images, run Keras on them;
-5. convert the other formats; write each file into a staging folder (`staging`) and prove it in
-   the runtime the device uses, against Keras on held-out images;
+3. load the calibration and parity images, run Keras on the parity images, choose the
+   operating point;
+4. convert each format into a staging folder (`staging`), then prove each file in the runtime
+   the device uses, against Keras on the held-out images;
 6. only if every file passed: publish the set, manifest last. Otherwise nothing changes.
 """
 
@@ -30,9 +29,9 @@ from xray_edge.errors import XrayEdgeError, first_line
 from xray_edge.files import sha256_file
 from xray_edge.manifest import FileEntry, Manifest
 from xray_edge.metadata import ModelInfo, read_keras_metadata, tflite_with_metadata
-from xray_edge.preprocess import Preprocessing, load_images, release_freed_memory
+from xray_edge.preprocess import Preprocessing, load_images
 from xray_edge.training_record import TrainingRecord
-from xray_edge.export import calibration, int8_process, parity
+from xray_edge.export import calibration, parity
 from xray_edge.export.formats import DEFAULT_FILE_ORDER, DEFAULT_FORMATS, FORMATS, Format, ModelSource
 from xray_edge.export.model_check import check_model
 from xray_edge.export.operating_point import DEFAULT_TARGET_SENSITIVITY, choose_threshold
@@ -53,7 +52,6 @@ class ExportConfig:
     threshold: float | None = None  # None: chosen on validation for target_sensitivity
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     gates: parity.Gates = field(default_factory=parity.Gates)
-    int8_process: bool | None = None  # quantize int8 in a second process; None: when it pays
     # Hooks for tests: corrupt a converted file before it is proven; interrupt the export
     # before a step ("convert onnx", "place manifest.json", ...).
     tamper: Callable[[str, bytes], bytes] | None = None
@@ -77,6 +75,7 @@ class ExportResult:
     manifest: Manifest  # published only when `passed`
     results: list[parity.ParityResult]
     timings: dict[str, float]  # seconds per step, and "total"
+    remedy: str = ""  # when a file failed its gates: what failed and what to do, one line
 
     @property
     def passed(self) -> bool:
@@ -106,76 +105,60 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     """
     formats = _formats(cfg)
     steps = _Steps(log, cfg.on_step)
-    with contextlib.ExitStack() as cleanup:
-        with steps("load model"):
-            # started first, so that its TensorFlow start overlaps this process's
-            aside = cleanup.enter_context(int8_process.Int8Process()) if _int8_aside(cfg, formats) else None
-            model = _load_keras(cfg.model, lean=aside is not None)
-            record = TrainingRecord.read(cfg.model.parent)
-            meta = read_keras_metadata(cfg.model)
-            spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
-        with steps("check model"):
-            check_model(model, spec, [f.name for f in formats])
-            sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
-        here = [f for f in formats if not (aside and f.name == "int8")]  # made in this process
-        source = ModelSource(model, [f.name for f in formats])
-        float_first = bool(source.FROM_FLOAT_TFLITE & set(source.formats))
-        if float_first:
-            with steps("convert float32"):  # first: int8 starts from it
-                _float32_first(source, aside, here, cfg.model, sets, spec, log)
-        with steps("images and Keras reference"):
-            cal_images, (par_paths, par_images) = _images(sets, spec, any(f.needs_calibration for f in here), log)
-            reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
-            log(_images_line(cal_images, par_images, sets, aside))
-        with steps("operating point"):  # on the validation split, which the parity images mostly are
-            src = _describe(cfg, model, record, meta, spec, known=dict(zip(par_paths, reference)))
-            log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
-        del model  # the source holds it until the last conversion
-        proof = functools.partial(_prove, reference=reference, images=par_images, info=src.info,
-                                  gates=cfg.gates, steps=steps, log=log)
+    with steps("load model"):
+        model = _load_keras(cfg.model)
+        record = TrainingRecord.read(cfg.model.parent)
+        meta = read_keras_metadata(cfg.model)
+        spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
+    with steps("check model"):
+        check_model(model, spec, [f.name for f in formats])
+        sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
+    with steps("images and Keras reference"):
+        cal_images, (par_paths, par_images) = _images(sets, spec, any(f.needs_calibration for f in formats), log)
+        reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
+        cal = f"calibration: {len(cal_images)} images; " if len(cal_images) else ""
+        log(f"{cal}parity: {len(par_images)} held-out images ({sets.source})")
+    with steps("operating point"):  # on the validation split, which the parity images mostly are
+        src = _describe(cfg, model, record, meta, spec, known=dict(zip(par_paths, reference)))
+        log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
+    source = ModelSource(model, [f.name for f in formats])
+    del model  # the source holds it until the last conversion
+    proof = functools.partial(_prove, reference=reference, images=par_images, info=src.info,
+                              gates=cfg.gates, steps=steps, log=log)
 
-        with steps("open staging folder"):
-            stage = Staging(cfg.out, before=cfg.on_step)
-        with stage:
-            for i, fmt in enumerate(here):
-                early = float_first and fmt.name == "float32"  # converted in its own step above
-                _convert(fmt, source, cal_images, src, stage, steps, cfg.tamper, early)
-                source.release_float_tflite_unless(here[i + 1:])
-            source.release()  # the Keras model and cached conversions: memory back for the proofs
-            release_freed_memory()
-            # one thread each while int8 is made aside: the second core is its
-            proven = [proof(fmt, stage, threads=1 if aside else None) for fmt in here]
-            if aside:
-                proven.append(_collect_aside(aside, src, stage, proof, cfg.tamper, steps, log))
-            results, files = _results_and_files(formats, proven, _convert_seconds(steps.timings, aside))
-            n_cal = aside.images if aside else len(cal_images)
-            manifest = _manifest(cfg, src, files, results, n_cal, len(par_images), sets.source)
-            _publish(stage, manifest, results, cfg.out, steps, log)
+    with steps("open staging folder"):
+        stage = Staging(cfg.out, before=cfg.on_step)
+    with stage:
+        for fmt in formats:
+            with steps(f"convert {fmt.name}"):
+                data = fmt.convert(source, cal_images, _embedded(src, fmt))
+                stage.write(fmt.file, cfg.tamper(fmt.name, data) if cfg.tamper else data)
+        source.release()  # the Keras model and cached conversions: memory back for the proofs
+        proven = [proof(fmt, stage) for fmt in formats]
+        seconds = {name[len("convert "):]: t for name, t in steps.timings.items() if name.startswith("convert ")}
+        results, files = _results_and_files(formats, proven, seconds)
+        manifest = _manifest(cfg, src, files, results, len(cal_images), len(par_images), sets.source)
+        _publish(stage, manifest, results, cfg.out, steps, log)
     steps.timings["total"] = time.perf_counter() - steps.start
-    return ExportResult(manifest, results, steps.timings)
+    return ExportResult(manifest, results, steps.timings, remedy(results, cfg))
 
 
-def _float32_first(source: ModelSource, aside: int8_process.Int8Process | None, here: list[Format],
-                   model_path: Path, sets: calibration.ImageSets, spec: Preprocessing, log) -> None:
-    """Convert float32 before anything else and hand it to the int8 process, if there is one;
-    keep it only if a format made here still starts from it."""
-    if aside:  # decoded there while this process converts
-        aside.calibrate_on(model_path, sets.calibration, spec)
-    float32 = source.float_tflite()
-    if aside:
-        aside.quantize(float32)
-        log("int8: calibrating and quantizing in a second process, beside the next steps")
-    del float32
-    source.release_float_tflite_unless(here)
-
-
-def _convert_seconds(timings: dict[str, float], aside: int8_process.Int8Process | None) -> dict[str, float]:
-    """Conversion seconds per format, from the step timings; int8 made aside by the second
-    process's own figures (its step here is only the wait for it)."""
-    seconds = {name[len("convert "):]: t for name, t in timings.items() if name.startswith("convert ")}
-    if aside:
-        seconds["int8"] = round(aside.figures["images"] + aside.figures["quantize"], 2)
-    return seconds
+def remedy(results: list[parity.ParityResult], cfg: ExportConfig) -> str:
+    """What to do about the formats that failed their gates, in one sentence ("" if none did)."""
+    failed = [r for r in results if not r.passed]
+    if not failed:
+        return ""
+    passed = [f for f in dict.fromkeys(cfg.formats) if f not in {r.format for r in failed}]
+    what = "; ".join(f"{r.format} " + (r.error or ", ".join(
+        f"{c['gate']} {c['value']:.3g} > {c['limit']:.3g}" for c in r.checks if not c["ok"]) or "no parity images")
+        for r in failed)
+    hints = []
+    if any(FORMATS[r.format].needs_calibration and not r.error for r in failed):
+        hints.append(f"calibrate int8 on more training images (--calibration-size "
+                     f"{max(2 * cfg.calibration_size, 200)}; now {cfg.calibration_size})")
+    if passed:
+        hints.append(f"export the formats that passed (--formats {','.join(passed)})")
+    return f"failed: {what}" + (f". Try: {', or '.join(hints)}" if hints else "")
 
 
 def _results_and_files(formats: list[Format], proven: list[tuple[parity.ParityResult, FileEntry | None]],
@@ -206,53 +189,15 @@ def _publish(stage: Staging, manifest: Manifest, results: list[parity.ParityResu
         raise ExportFailed(str(exc), partial=bool(stage.changed)) from exc.__cause__
 
 
-def _int8_aside(cfg: ExportConfig, formats: list[Format]) -> bool:
-    if not any(f.name == "int8" for f in formats):
-        return False
-    return int8_process.worth_it(cfg.model) if cfg.int8_process is None else cfg.int8_process
-
-
-def _images_line(cal_images: np.ndarray, par_images: np.ndarray, sets: calibration.ImageSets,
-                 aside: int8_process.Int8Process | None) -> str:
-    if aside:
-        cal = f"calibration: {len(sets.calibration)} images, decoded in the second process; "
-    else:
-        cal = f"calibration: {len(cal_images)} images; " if len(cal_images) else ""
-    return f"{cal}parity: {len(par_images)} held-out images ({sets.source})"
-
-
-def _convert(fmt: Format, source: ModelSource, cal_images: np.ndarray, src: "_Source", stage: Staging,
-             steps: "_Steps", tamper, early: bool) -> None:
-    """Write one format into the staging folder, with its embedded metadata. A format converted
-    `early`, in its own step (float32: int8 starts from it), only gets its metadata here."""
-    with steps(f"write {fmt.name}" if early else f"convert {fmt.name}"):
-        data = fmt.convert(source, cal_images, _embedded(src, fmt))
-        stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
-
-
-def _collect_aside(aside: int8_process.Int8Process, src: "_Source", stage: Staging, proof: Callable,
-                   tamper, steps: "_Steps", log) -> tuple[parity.ParityResult, FileEntry | None]:
-    """Wait for the int8 file made in the second process, then stage and prove it."""
-    fmt = FORMATS["int8"]
-    with steps("convert int8"):
-        data = tflite_with_metadata(aside.result(), _embedded(src, fmt))
-        fig = aside.figures
-        log(f"  int8, in the second process: {aside.images} images decoded in {fig['images']:.1f} s, "
-            f"calibrated and quantized in {fig['quantize']:.1f} s, peak memory {fig['peak_gib']:.2f} GiB")
-        stage.write(fmt.file, tamper(fmt.name, data) if tamper else data)
-    return proof(fmt, stage)
-
-
-def _prove(fmt: Format, stage: Staging, threads: int | None = None, *, reference: np.ndarray,
+def _prove(fmt: Format, stage: Staging, *, reference: np.ndarray,
            images: np.ndarray, info: ModelInfo, gates: parity.Gates, steps: "_Steps", log
            ) -> tuple[parity.ParityResult, FileEntry | None]:
     """Prove one staged file against Keras on the parity images; returns its result and, if it
     passed, its manifest entry."""
     with steps(f"prove {fmt.name}") as t:
         res, backend = parity.prove(fmt.name, fmt.runtime, stage.path(fmt.file), reference,
-                                    images, info, fmt.gates, gates, threads)
+                                    images, info, fmt.gates, gates)
         log(res.line())
-    release_freed_memory()  # the runtime's buffers, before the next step (or the int8 process) peaks
     if not res.passed:
         return res, None
     entry = _file_entry(fmt, stage.path(fmt.file), backend, res)
@@ -282,7 +227,7 @@ class _Steps:
         self.timings[name] = timer.seconds
         # CPU time beside wall time: on a shared machine the ratio between runs is what holds
         self._log(f"  {name}: {timer.seconds:.1f} s wall, {time.process_time() - timer.cpu_start:.1f} s CPU, "
-                  f"this process's peak so far {int8_process.peak_gib():.2f} GiB")
+                  f"this process's peak so far {_peak_gib():.2f} GiB")
 
 
 class _Timer:
@@ -303,15 +248,13 @@ def _formats(cfg: ExportConfig) -> list[Format]:
     return [FORMATS[f] for f in dict.fromkeys(cfg.formats)]
 
 
-def _load_keras(path: Path, lean: bool = False):
-    """`lean` while int8 is made aside: one thread per TensorFlow operation (a core for each
-    process) and no oneDNN (less memory for two processes)."""
-    from xray_edge.export.tflite import start_tensorflow
+def _peak_gib() -> float:
+    import resource
 
-    if lean:
-        start_tensorflow(threads=1, onednn=False)
-    else:
-        start_tensorflow()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _load_keras(path: Path):
     import keras
 
     try:

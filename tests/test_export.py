@@ -106,7 +106,7 @@ def test_wrong_calibration_scale_is_refused(tmp_path, phantom_data):
 
     model = keras.saving.load_model(model_path)
     wrong = np.stack([load_image(p) for p in sorted((phantom_data / "train").rglob("*.png"))[:16]])
-    broken = tflite.quantize_int8(tflite.convert_float32(model), (wrong / 255.0).astype(np.float32))
+    broken = tflite.convert_int8(model, (wrong / 255.0).astype(np.float32))
 
     def tamper(name, data):
         from xray_edge.metadata import tflite_with_metadata
@@ -142,10 +142,11 @@ def test_onnx_export_refuses_layers_it_does_not_translate():
     import keras
 
     from xray_edge.export import onnx as onnx_export
+    from xray_edge.export.layers import UnsupportedLayer
 
     pooled = keras.Sequential([keras.Input((200, 200, 3)), keras.layers.GlobalAveragePooling2D(),
                                keras.layers.Dense(1, activation="sigmoid")])
-    with pytest.raises(onnx_export.UnsupportedLayer, match="GlobalAveragePooling2D"):
+    with pytest.raises(UnsupportedLayer, match="GlobalAveragePooling2D"):
         onnx_export.keras_to_onnx(pooled, {})
 
 
@@ -173,6 +174,7 @@ def test_manifest_binds_everything(tiny_artifacts):
         assert entry["sha256"] == sha256_file(tiny_artifacts / name)
         assert entry["size"] == (tiny_artifacts / name).stat().st_size
         assert entry["parity"]["passed"] and entry["parity"]["images"] > 0
+        assert set(entry["seconds"]) == {"convert", "prove"} and min(entry["seconds"].values()) > 0, name
     int8 = m["files"]["xray_int8.tflite"]
     assert int8["input"]["dtype"] == "uint8" and int8["input"]["quantization"][0] > 0
     onnx_entry = m["files"]["xray.onnx"]

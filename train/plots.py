@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_edge.plotting import pyplot, save_png
+from xray_edge.train.plotting import pyplot, save_png
 
 
 def training_curves(history: dict, path: Path, synthetic: bool = False) -> None:

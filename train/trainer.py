@@ -28,7 +28,7 @@ from xray_edge.classify import predicted_classes
 from xray_edge.errors import XrayEdgeError
 from xray_edge.files import atomic_write_json, sha256_file
 from xray_edge.metadata import KERAS_MEMBER
-from xray_edge.plotting import roc
+from xray_edge.train.plotting import roc
 from xray_edge.training_record import TrainingRecord
 from xray_edge.preprocess import DEFAULT, Preprocessing
 from xray_edge import metrics

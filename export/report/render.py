@@ -8,7 +8,7 @@ import numpy as np
 
 from xray_edge import metrics
 from xray_edge.files import atomic_write_bytes, atomic_write_json
-from xray_edge.plotting import pyplot, roc, save_png
+from xray_edge.train.plotting import pyplot, roc, save_png
 
 
 def _pct(r: dict) -> str:

@@ -19,7 +19,7 @@ from PIL import Image
 from xray_edge import explain
 from xray_edge.backends import open_backend
 from xray_edge.classify import predicted_classes
-from xray_edge.plotting import pyplot, save_png
+from xray_edge.train.plotting import pyplot, save_png
 
 PER_CLASS = 4  # sample images per class: 65 invokes each per format
 

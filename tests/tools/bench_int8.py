@@ -1,12 +1,13 @@
-"""Time export's int8 route against the converter's public one on a trained model, and compare them.
+"""Time an int8 route on a trained model and compare its outputs with Keras.
 
-    .venv/bin/python tests/tools/bench_int8.py --artifacts /tmp/exp-art [--calibration 100]
+    .venv/bin/python tests/tools/tree_memory.py -- \
+        .venv/bin/python tests/tools/bench_int8.py --artifacts artifacts --route converter
 
-Prints the wall and CPU time of the float32 conversion, of the activation ranges measured both
-ways (the converter's calibrator, and export's `ranges` in LiteRT), of the MLIR quantization and
-of the converter's own int8 route; then how many tensors differ between export's int8 file and
-the converter's in dtype, shape or zero point, the largest relative scale difference, and how
-many raw uint8 outputs differ on the held-out images. Figures: docs/export.md.
+Routes: `converter`, TensorFlow's public `TFLiteConverter` with a representative dataset (what
+export uses); `litert-quantizer`, the float32 flatbuffer quantized by litert-quantizer with plain
+min/max calibration (needs `pip install litert-quantizer`). Prints the seconds of each step and,
+on the held-out images, max |Δp| against Keras and the decisions flipped at 0.5. Run each route
+in its own process (under tree_memory.py for its peak memory). Figures: docs/export.md.
 """
 
 from __future__ import annotations
@@ -22,26 +23,38 @@ import numpy as np
 def timed(label: str, fn):
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    print(f"{label:<46} {time.perf_counter() - wall:6.1f} s wall {time.process_time() - cpu:6.1f} s CPU", flush=True)
+    print(f"{label:<40} {time.perf_counter() - wall:6.1f} s wall {time.process_time() - cpu:6.1f} s CPU", flush=True)
     return out
+
+
+def litert_quantizer_int8(float32: bytes, calibration: np.ndarray) -> bytes:
+    from litert_quantizer import Quantizer, calibrator, recipe, recipe_manager
+    from litert_quantizer.utils import qsv_utils
+
+    rec = recipe.static_wi8_ai8()
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(rec)
+    # its default moving average of per-image ranges flipped half the decisions here
+    calib = calibrator.Calibrator(float32, num_threads=os.cpu_count() or 1,
+                                  qsv_update_func=qsv_utils.min_max_update)
+    key = calib.get_signature_list()[0] if hasattr(calib, "get_signature_list") else "serving_default"
+    calib.calibrate({key: [{"image": x[None].astype(np.float32)} for x in calibration]}, manager)
+    result = Quantizer(float32, rec).quantize(calib.get_model_qsvs(), enable_progress_report=False)
+    return bytes(result.quantized_model)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", type=Path, required=True, help="folder with model.keras and training.json")
+    ap.add_argument("--route", choices=("converter", "litert-quantizer"), default="converter")
     ap.add_argument("--calibration", type=int, default=100)
-    ap.add_argument("--parity", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=None, help="images per calibration step "
-                    "(default: export's CALIBRATION_BATCH)")
+    ap.add_argument("--parity", type=int, default=200)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
-    import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
-    from tensorflow.lite.python.convert import mlir_quantize
-    from tensorflow.lite.python.optimize.calibrator import Calibrator
 
-    from xray_edge.export import calibration, ranges, tflite
+    from xray_edge.backends import open_backend
+    from xray_edge.export import calibration, tflite
     from xray_edge.preprocess import load_images
     from xray_edge.training_record import TrainingRecord
 
@@ -49,45 +62,26 @@ def main() -> None:
     sets = calibration.image_sets(record, None, args.calibration, args.parity, 0)
     cal = load_images(sets.calibration, record.preprocessing)[0]
     par = load_images(sets.parity, record.preprocessing)[0]
-    model = keras.saving.load_model(args.artifacts / "model.keras", compile=False)
-
-    batch = args.batch or tflite.CALIBRATION_BATCH
-    flat = timed("float32 conversion", lambda: tflite.convert_float32(model))
-    timed(f"calibrator ({len(cal)} images, {batch} per step)",
-          lambda: Calibrator(flat).calibrate(lambda: ([b] for b in tflite._batches(cal, batch))))
-    measured = timed(f"ranges in LiteRT ({len(cal)} images, {batch} per step)",
-                     lambda: ranges.measure(flat, tflite._batches(cal, batch)))
-    calibrated = timed("ranges written into the flatbuffer", lambda: ranges.write(flat, measured))
-    ours = timed("MLIR quantization", lambda: bytes(mlir_quantize(
-        calibrated, disable_per_channel=False, input_data_type=tf.uint8, output_data_type=tf.uint8)))
-    ref = timed("converter's public int8 route", lambda: tflite.convert_int8_with_converter(model, cal))
-
-    def params(b):
-        it = Interpreter(model_content=b)
-        return {t["name"]: t for t in it.get_tensor_details()}, it
-
-    (pa, ia), (pb, ib) = params(ours), params(ref)
-    differ = [n for n in pb if n not in pa or pa[n]["dtype"] != pb[n]["dtype"]
-              or list(pa[n]["shape"]) != list(pb[n]["shape"])
-              or not np.array_equal(pa[n]["quantization_parameters"]["zero_points"],
-                                    pb[n]["quantization_parameters"]["zero_points"])]
-    rel = max((float(np.max(np.abs(pa[n]["quantization_parameters"]["scales"] - pb[n]["quantization_parameters"]["scales"])
-                            / np.maximum(pb[n]["quantization_parameters"]["scales"], 1e-30)))
-               for n in pb if n in pa and len(pb[n]["quantization_parameters"]["scales"])), default=0.0)
-    print(f"tensors: {len(pb)}; differing in dtype/shape/zero point: {len(differ)}; max relative scale difference {rel:.1e}")
-
-    def raw(it):
-        it.allocate_tensors()
-        i, o = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
-        out = []
-        for x in par:
-            it.set_tensor(i, x[None])
-            it.invoke()
-            out.append(it.get_tensor(o).copy())
-        return np.concatenate(out)
-
-    ra, rb = raw(ia), raw(ib)
-    print(f"raw uint8 outputs differing: {int(np.sum(ra != rb))} of {ra.size} ({len(par)} held-out images)")
+    model = timed("load Keras model", lambda: keras.saving.load_model(args.artifacts / "model.keras", compile=False))
+    reference = model.predict(par, batch_size=16, verbose=0)
+    if args.route == "converter":
+        int8 = timed(f"converter int8 ({len(cal)} images)", lambda: tflite.convert_int8(model, cal))
+    else:
+        flat = timed("float32 conversion", lambda: tflite.convert_float32(model))
+        del model
+        int8 = timed(f"litert-quantizer int8 ({len(cal)} images)", lambda: litert_quantizer_int8(flat, cal))
+    path = Path(f"/tmp/bench_int8_{os.getpid()}.tflite")
+    path.write_bytes(int8)
+    try:
+        backend = open_backend(path, "litert")
+        print(f"input {backend.input_dtype} quantization {getattr(backend, 'input_quant', None)}")
+        out = np.stack([backend.predict(x) for x in par])
+    finally:
+        path.unlink()
+    diff = np.abs(out - reference)
+    flips = int(np.sum((out[:, -1] >= 0.5) != (reference[:, -1] >= 0.5)))
+    print(f"{args.route}: {len(int8) / 1e6:.1f} MB, {len(par)} held-out images: max|Δp| {diff.max():.4f}, "
+          f"mean {diff.mean():.4f}, decisions flipped at 0.5: {flips}")
 
 
 if __name__ == "__main__":

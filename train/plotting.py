@@ -1,7 +1,7 @@
 """Figures shared by training and the report (ROC curves), drawn with matplotlib on demand.
 
-matplotlib is imported inside the functions: it is a training/report dependency, and a device
-that only classifies never loads this module.
+In train/, not in the device package: only training and the report draw. matplotlib is imported
+inside the functions, so importing this module costs nothing until a figure is drawn.
 """
 
 from __future__ import annotations
