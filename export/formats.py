@@ -12,12 +12,21 @@ from xray_edge.metadata import tflite_with_metadata
 
 
 class ModelSource:
-    """The Keras model, and the float ONNX graph that both ONNX formats start from, made once."""
+    """The Keras model and the float conversions other formats start from, each made once:
+    int8 TFLite quantizes the float32 flatbuffer, int8 ONNX the float ONNX graph."""
 
     def __init__(self, model, formats: list[str]):
         self.model = model
         self.formats = formats  # all the export makes
+        self._float_tflite: bytes | None = None
         self._float_onnx: bytes | None = None
+
+    def float_tflite(self) -> bytes:
+        from xray_edge.export import tflite
+
+        if self._float_tflite is None:
+            self._float_tflite = tflite.convert_float32(self.model)
+        return self._float_tflite
 
     def float_onnx(self) -> bytes:
         """Float ONNX with empty metadata; each format sets its own."""
@@ -27,11 +36,15 @@ class ModelSource:
             self._float_onnx = keras_to_onnx(self.model, {})
         return self._float_onnx
 
-    def release(self) -> None:
-        """Drop the Keras model and the cached ONNX graph (each as large as the weights) once
-        every format is converted."""
+    def release(self, keep_float_tflite: bool = False) -> None:
+        """Drop the Keras model and the cached conversions (each as large as the weights), all
+        but the float32 flatbuffer if `keep_float_tflite` (int8 still to quantize)."""
         import gc
 
+        if keep_float_tflite:
+            self.float_tflite()
+        else:
+            self._float_tflite = None
         self.model = self._float_onnx = None
         gc.collect()  # a Keras model is held in reference cycles
 
@@ -54,9 +67,7 @@ class Format:
 
 
 def _float32(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:
-    from xray_edge.export import tflite
-
-    return tflite_with_metadata(tflite.convert_float32(source.model), metadata)
+    return tflite_with_metadata(source.float_tflite(), metadata)
 
 
 def _float16(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:
@@ -68,7 +79,7 @@ def _float16(source: ModelSource, calibration: np.ndarray, metadata: dict) -> by
 def _int8(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:
     from xray_edge.export import tflite
 
-    return tflite_with_metadata(tflite.convert_int8(source.model, calibration), metadata)
+    return tflite_with_metadata(tflite.quantize_int8(source.float_tflite(), calibration), metadata)
 
 
 def _onnx(source: ModelSource, calibration: np.ndarray, metadata: dict) -> bytes:
@@ -87,7 +98,7 @@ def _onnx_int8(source: ModelSource, calibration: np.ndarray, metadata: dict) -> 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("float32", "xray_float32.tflite", "litert", "float", "TFLite float32, builtin ops", _float32),
-    Format("int8", "xray_int8.tflite", "litert", "int8", "TFLite full-integer int8, uint8 input", _int8),
+    Format("int8", "xray_int8.tflite", "litert", "int8", "TFLite full-integer int8, int8 input", _int8),
     Format("onnx", "xray.onnx", "onnxruntime", "float", "ONNX float32, dynamic batch", _onnx),
     Format("float16", "xray_float16.tflite", "litert", "float16", "TFLite float16 weights", _float16),
     Format("onnx-int8", "xray_int8.onnx", "onnxruntime", "int8",

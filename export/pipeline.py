@@ -28,7 +28,7 @@ from xray_edge import __version__
 from xray_edge.errors import XrayEdgeError, first_line
 from xray_edge.files import sha256_file
 from xray_edge.manifest import FileEntry, Manifest
-from xray_edge.metadata import ModelInfo, read_keras_metadata, tflite_with_metadata
+from xray_edge.metadata import ModelInfo, read_keras_metadata
 from xray_edge.preprocess import Preprocessing, load_images
 from xray_edge.training_record import TrainingRecord
 from xray_edge.export import calibration, parity
@@ -129,11 +129,14 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     with steps("open staging folder"):
         stage = Staging(cfg.out, before=cfg.on_step)
     with stage:
-        for fmt in formats:
+        # int8 last: it needs the float32 flatbuffer only, so the Keras model is released first
+        for fmt in sorted(formats, key=lambda f: f.name == "int8"):
+            if fmt.name == "int8":
+                source.release(keep_float_tflite=True)
             with steps(f"convert {fmt.name}"):
                 data = fmt.convert(source, cal_images, _embedded(src, fmt))
                 stage.write(fmt.file, cfg.tamper(fmt.name, data) if cfg.tamper else data)
-        source.release()  # the Keras model and cached conversions: memory back for the proofs
+        source.release()  # memory back for the proofs
         proven = [proof(fmt, stage) for fmt in formats]
         seconds = {name[len("convert "):]: t for name, t in steps.timings.items() if name.startswith("convert ")}
         results, files = _results_and_files(formats, proven, seconds)

@@ -106,7 +106,7 @@ def test_wrong_calibration_scale_is_refused(tmp_path, phantom_data):
 
     model = keras.saving.load_model(model_path)
     wrong = np.stack([load_image(p) for p in sorted((phantom_data / "train").rglob("*.png"))[:16]])
-    broken = tflite.convert_int8(model, (wrong / 255.0).astype(np.float32))
+    broken = tflite.quantize_int8(tflite.convert_float32(model), (wrong / 255.0).astype(np.float32))
 
     def tamper(name, data):
         from xray_edge.metadata import tflite_with_metadata
@@ -176,7 +176,7 @@ def test_manifest_binds_everything(tiny_artifacts):
         assert entry["parity"]["passed"] and entry["parity"]["images"] > 0
         assert set(entry["seconds"]) == {"convert", "prove"} and min(entry["seconds"].values()) > 0, name
     int8 = m["files"]["xray_int8.tflite"]
-    assert int8["input"]["dtype"] == "uint8" and int8["input"]["quantization"][0] > 0
+    assert int8["input"]["dtype"] == "int8" and int8["input"]["quantization"] == [1.0, -128]
     onnx_entry = m["files"]["xray.onnx"]
     assert onnx_entry["input"]["name"] == "image" and onnx_entry["input"]["shape"][0] is None
 
@@ -187,8 +187,21 @@ def test_int8_file_is_integer_only_with_builtin_ops(tiny_artifacts):
     it = Interpreter(model_path=str(tiny_artifacts / "xray_int8.tflite"))
     ops = {op["op_name"] for op in it._get_ops_details()}
     assert {"CONV_2D", "FULLY_CONNECTED"} <= ops and not any(o.startswith("Flex") for o in ops)
-    dtypes = {np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
-    assert "float32" not in dtypes and "int8" in dtypes, dtypes  # no float tensor anywhere
+    assert_integer_compute(it)
+
+
+def assert_integer_compute(it) -> None:
+    """Every operator computes on int8 (int32 for biases and shapes); the one float tensor
+    litert-quantizer leaves is a dequantized copy that only a SHAPE operator reads."""
+    dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
+    assert "int8" in dtypes.values()
+    for op in it._get_ops_details():
+        used = {dtypes[i] for i in [*op["inputs"], *op["outputs"]] if i >= 0}
+        if op["op_name"] == "DEQUANTIZE":
+            readers = [o["op_name"] for o in it._get_ops_details() if set(op["outputs"]) & set(o["inputs"])]
+            assert readers == ["SHAPE"], readers
+        elif op["op_name"] != "SHAPE":
+            assert "float32" not in used, (op["op_name"], used)
 
 
 def test_operating_point_reuses_known_outputs_and_skips_undecodable_files(tiny_artifacts, tmp_path):

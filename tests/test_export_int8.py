@@ -1,5 +1,5 @@
-"""The int8 TFLite file (TensorFlow's public converter with a representative dataset): integer
-all the way through, calibrated on the images it is given, and a failed gate that says what to do."""
+"""The int8 TFLite file (litert-quantizer on the float32 flatbuffer): integer all the way through,
+calibrated on the images it is given, and a failed gate that says what to do."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, save_with_record, tiny_model
-from test_export import _snapshot, real_images
+from test_export import _snapshot, assert_integer_compute, real_images
 
 
 def _tensors(model_bytes: bytes) -> dict:
@@ -23,16 +23,17 @@ def test_int8_is_integer_throughout_and_its_ranges_come_from_the_calibration(pha
 
     model = tiny_model(seed=9)
     calibration = real_images(phantom_data / "train", 13)[:13]  # not a multiple of the batch
-    full = tflite.convert_int8(model, calibration)
+    float32 = tflite.convert_float32(model)
+    full = tflite.quantize_int8(float32, calibration)
     tensors, it = _tensors(full)
-    assert "float32" not in {d for d, _ in tensors.values()}
+    assert_integer_compute(it)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    assert inp["dtype"] == np.uint8 and out["dtype"] == np.uint8
-    # the 0-255 pixels quantize to themselves: scale 1, zero point 0
-    assert tuple(inp["quantization"]) == (1.0, 0)
+    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+    # the 0-255 pixels of the calibration images fill the int8 range exactly: pixel - 128
+    assert tuple(inp["quantization"]) == (1.0, -128)
 
     # darker calibration images give the activations narrower ranges, so smaller scales
-    dim = tflite.convert_int8(model, (calibration // 8).astype(np.uint8))
+    dim = tflite.quantize_int8(float32, (calibration // 8).astype(np.uint8))
     dim_tensors, _ = _tensors(dim)
     shrunk = [n for n, (d, s) in tensors.items() if d != "int32" and len(s) == 1 and n in dim_tensors
               and len(dim_tensors[n][1]) == 1 and dim_tensors[n][1][0] < 0.5 * s[0]]
@@ -53,7 +54,7 @@ def test_int8_route_refuses_an_empty_calibration_set():
     from xray_edge.export import tflite
 
     with pytest.raises(ValueError, match="calibration images"):
-        tflite.convert_int8(tiny_model(seed=1), np.zeros((0, 200, 200, 3), np.uint8))
+        tflite.quantize_int8(b"unused", np.zeros((0, 200, 200, 3), np.uint8))
 
 
 def test_failed_int8_gate_says_what_failed_and_what_to_do(tmp_path, phantom_data):

@@ -3,9 +3,9 @@
     .venv/bin/python tests/tools/tree_memory.py -- \
         .venv/bin/python tests/tools/bench_int8.py --artifacts artifacts --route converter
 
-Routes: `converter`, TensorFlow's public `TFLiteConverter` with a representative dataset (what
-export uses); `litert-quantizer`, the float32 flatbuffer quantized by litert-quantizer with plain
-min/max calibration (needs `pip install litert-quantizer`). Prints the seconds of each step and,
+Routes: `litert-quantizer`, the float32 flatbuffer quantized by export's `tflite.quantize_int8`
+(what export uses); `converter`, TensorFlow's public `TFLiteConverter` with a representative
+dataset, a second conversion of the Keras graph. Prints the seconds of each step and,
 on the held-out images, max |Δp| against Keras and the decisions flipped at 0.5. Run each route
 in its own process (under tree_memory.py for its peak memory). Figures: docs/export.md.
 """
@@ -27,20 +27,23 @@ def timed(label: str, fn):
     return out
 
 
-def litert_quantizer_int8(float32: bytes, calibration: np.ndarray) -> bytes:
-    from litert_quantizer import Quantizer, calibrator, recipe, recipe_manager
-    from litert_quantizer.utils import qsv_utils
+def converter_int8(model, calibration: np.ndarray) -> bytes:
+    """TensorFlow's public int8 route: a second conversion of the Keras graph, calibrated by a
+    representative dataset, uint8 input and output."""
+    import tensorflow as tf
 
-    rec = recipe.static_wi8_ai8()
-    manager = recipe_manager.RecipeManager()
-    manager.load_quantization_recipe(rec)
-    # its default moving average of per-image ranges flipped half the decisions here
-    calib = calibrator.Calibrator(float32, num_threads=os.cpu_count() or 1,
-                                  qsv_update_func=qsv_utils.min_max_update)
-    key = calib.get_signature_list()[0] if hasattr(calib, "get_signature_list") else "serving_default"
-    calib.calibrate({key: [{"image": x[None].astype(np.float32)} for x in calibration]}, manager)
-    result = Quantizer(float32, rec).quantize(calib.get_model_qsvs(), enable_progress_report=False)
-    return bytes(result.quantized_model)
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    holder = tf.Module()
+    holder.tracked = [getattr(v, "value", v) for v in model.variables]
+    fn = tf.function(lambda image: model(image, training=False),
+                     input_signature=[tf.TensorSpec((None, *shape), tf.float32, name="image")])
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], holder)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([b] for b in np.array_split(calibration.astype(np.float32), 10))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = conv.inference_output_type = tf.uint8
+    conv.exclude_conversion_metadata = True
+    return conv.convert()
 
 
 def main() -> None:
@@ -65,11 +68,11 @@ def main() -> None:
     model = timed("load Keras model", lambda: keras.saving.load_model(args.artifacts / "model.keras", compile=False))
     reference = model.predict(par, batch_size=16, verbose=0)
     if args.route == "converter":
-        int8 = timed(f"converter int8 ({len(cal)} images)", lambda: tflite.convert_int8(model, cal))
+        int8 = timed(f"converter int8 ({len(cal)} images)", lambda: converter_int8(model, cal))
     else:
         flat = timed("float32 conversion", lambda: tflite.convert_float32(model))
         del model
-        int8 = timed(f"litert-quantizer int8 ({len(cal)} images)", lambda: litert_quantizer_int8(flat, cal))
+        int8 = timed(f"litert-quantizer int8 ({len(cal)} images)", lambda: tflite.quantize_int8(flat, cal))
     path = Path(f"/tmp/bench_int8_{os.getpid()}.tflite")
     path.write_bytes(int8)
     try:
