@@ -211,7 +211,7 @@ def test_info_matches_manifest(tiny_artifacts):
     d = json.loads(r.stdout[r.stdout.index("{"):])
     m = json.loads((tiny_artifacts / "manifest.json").read_text())
     assert d["sha256"] == m["files"]["xray_int8.tflite"]["sha256"]
-    assert d["labels"] == m["labels"] and d["input"]["dtype"] == "uint8"
+    assert d["labels"] == m["labels"] and d["input"]["dtype"] == "int8"
     assert d["quantization"]["input"][0] > 0 and d["parity_at_export"]["passed"]
 
 
@@ -247,7 +247,7 @@ def test_tflite_runtime_gives_the_same_raw_int8_output(tiny_artifacts, phantom_d
     a = [json.loads(l) for l in _lines(ours.stdout)]
     b = [json.loads(l) for l in _lines(theirs.stdout)]
     assert [x["backend"] for x in b] == ["tflite"] * len(imgs)
-    assert [x["scores"] for x in a] == [x["scores"] for x in b]  # same uint8 outputs, same scale
+    assert [x["scores"] for x in a] == [x["scores"] for x in b]  # same int8 outputs, same scale
 
 
 def test_training_and_export_name_their_extra_on_an_edge_install(phantom_data, tiny_artifacts):
