@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
+from xray_edge.decode import DECODE_BUDGET, MAX_PIXELS, check_size
 from xray_edge.errors import ImageError, first_line
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zipped
@@ -25,14 +25,14 @@ _DEFLATE_SLACK = 16 << 20
 _BAND_PIXELS = 1 << 20
 
 
-def read_dicom(path: Path, check_size=None, budget=None, finish=None):
+def read_dicom(path: Path, finish=None):
     """Return the first frame as uint8, (H, W) for grey images or (H, W, 3) for colour.
+
+    The size limits of `xray_edge.decode.check_size` are checked before pixel data is decoded,
+    and the decode holds the shared `DECODE_BUDGET`.
 
     Args:
         path: a DICOM file.
-        check_size: called as ``check_size(path, width, height)`` before pixel data is decoded;
-            raises ImageError for sizes out of limits (see `xray_edge.preprocess.check_size`).
-        budget: a `PixelBudget` held while the pixels are decoded (and finished).
         finish: applied to the uint8 frame inside the budget (e.g. resizing); its result is returned.
     """
     try:
@@ -40,7 +40,7 @@ def read_dicom(path: Path, check_size=None, budget=None, finish=None):
         from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
     except ImportError:
         raise ImageError(path, "DICOM support needs the extra: pip install 'xray-edge[dicom]'") from None
-    _check_deflated(path, check_size)
+    _check_deflated(path)
     try:
         # defer_size: pixel data stays on disk until the header has been checked
         ds = pydicom.dcmread(path, defer_size=1 << 16)
@@ -49,9 +49,8 @@ def read_dicom(path: Path, check_size=None, budget=None, finish=None):
     if "PixelData" not in ds:
         raise ImageError(path, "DICOM file has no pixel data")
     rows, cols = _int_tag(path, ds, "Rows"), _int_tag(path, ds, "Columns")
-    if check_size is not None:
-        check_size(path, cols, rows)
-    with budget.hold(rows * cols) if budget is not None else nullcontext():
+    check_size(path, cols, rows)
+    with DECODE_BUDGET.hold(rows * cols):
         grey = _frame(path, ds, pixel_array, apply_modality_lut, apply_voi_lut)
         if finish is None:
             return grey
@@ -166,7 +165,7 @@ def _int_tag(path: Path, ds, keyword: str) -> int:
     return int(v)
 
 
-def _check_deflated(path: Path, check_size) -> None:
+def _check_deflated(path: Path) -> None:
     """Refuse a deflated dataset that inflates beyond the largest allowed image (a zip bomb)."""
     try:
         with open(path, "rb") as f:
@@ -177,8 +176,6 @@ def _check_deflated(path: Path, check_size) -> None:
             meta = f.read(min(meta_len, 1 << 16))
             if DEFLATED.encode() not in meta:
                 return
-            from xray_edge.preprocess import MAX_PIXELS
-
             limit = 3 * MAX_PIXELS + _DEFLATE_SLACK
             inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
             f.seek(132 + 12 + meta_len)
