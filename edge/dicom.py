@@ -59,6 +59,39 @@ def read_dicom(path: Path, finish=None):
         return small
 
 
+HEADER_KEYWORDS = ("Modality", "BodyPartExamined", "ViewPosition", "NumberOfFrames", "SOPClassUID",
+                   "ImageType", "ConversionType")
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """The tags the input gate decides on, as plain strings ("" when absent); no pixel is read.
+
+    Multi-valued tags (ImageType) are joined with a backslash, as DICOM writes them.
+    """
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageError(path, "DICOM support needs the extra: pip install 'xray-edge[dicom]'") from None
+    _check_deflated(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - InvalidDicomError, EOFError, struct.error, ...
+        raise ImageError(path, f"not a readable DICOM file: {first_line(exc)}") from None
+    out = {}
+    for key in HEADER_KEYWORDS:
+        try:
+            v = ds.get(key)
+        except Exception:  # noqa: BLE001 - a value pydicom cannot parse counts as absent
+            v = None
+        if v is None:
+            out[key] = ""
+        elif isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+            out[key] = "\\".join(str(x) for x in v)
+        else:
+            out[key] = str(v).strip()
+    return out
+
+
 def _frame(path: Path, ds, pixel_array, apply_modality_lut, apply_voi_lut) -> np.ndarray:
     """The first frame as 8-bit grey levels or RGB."""
     try:
