@@ -100,8 +100,11 @@ def _frame(path: Path, ds, pixel_array, apply_modality_lut, apply_voi_lut) -> np
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         if syntax is not None and getattr(syntax, "is_compressed", False):
-            raise ImageError(path, f"compressed DICOM ({name}) needs a decoder: "
-                                   "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
+            if not _decoder_available(syntax):
+                raise ImageError(path, f"compressed DICOM ({name}) needs a decoder: pip install "
+                                       "'xray-edge[dicom]' (JPEG Extended 12-bit: also pylibjpeg-libjpeg)") from None
+            hint = " (12-bit JPEG Extended needs pylibjpeg-libjpeg)" if syntax == "1.2.840.10008.1.2.4.51" else ""
+            raise ImageError(path, f"cannot decode compressed DICOM ({name}){hint}: {first_line(exc)}") from None
         raise ImageError(path, f"cannot decode DICOM pixels: {first_line(exc)}") from None
     if arr.ndim == 3 and arr.shape[-1] == 3:
         return arr if arr.dtype == np.uint8 else _stretch_rows(arr, lambda a: a.astype(np.float64))
@@ -113,6 +116,15 @@ def _frame(path: Path, ds, pixel_array, apply_modality_lut, apply_voi_lut) -> np
         raise
     except Exception as exc:  # noqa: BLE001 - a LUT that does not fit the pixels, ...
         raise ImageError(path, f"cannot apply the DICOM grey-level tables: {first_line(exc)}") from None
+
+
+def _decoder_available(syntax) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(syntax).is_available)
+    except Exception:  # noqa: BLE001 - no decoder known for this syntax at all
+        return False
 
 
 def _grey(path: Path, arr: np.ndarray, ds, apply_modality_lut, apply_voi_lut) -> np.ndarray:

@@ -36,6 +36,7 @@ _REASONS = {
     "max_roughness": "noise or fine texture such as text",
     "min_roughness": "too smooth for a film (a drawn gradient?)",
     "max_white": "mostly white (a document or a page?)",
+    "max_flat": "mostly one flat grey (a page or a drawing?)",
     "max_black": "mostly black",
     "min_symmetry": "not left-right symmetric like a frontal chest film",
     "min_mediastinum": "no chest column profile (mediastinum brighter than the lungs)",
@@ -54,9 +55,10 @@ class GateRules:
     # bounds on the image statistics of `image_statistics` (see _REASONS)
     max_colour: float = 0.02
     min_contrast: float = 20.0
-    max_roughness: float = 0.16
+    max_roughness: float = 0.25
     min_roughness: float = 0.018
     max_white: float = 0.5
+    max_flat: float = 0.6
     max_black: float = 0.7
     min_symmetry: float = -0.5
     min_mediastinum: float = -0.5
@@ -180,6 +182,8 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     roughness: mean absolute difference of neighbouring pixels over the contrast (noise ~1,
         a film ~0.05).
     white / black: share of grey levels above 247 / below 8.
+    flat: the largest share of grey levels in one band of 8 levels, pure black and white aside
+        (a page's background: 0.8; a film: under 0.36).
     symmetry: correlation of the image with its mirror image (left-right).
     mediastinum: the central column band's mean grey minus the lung bands', over the contrast,
         on the middle three fifths of the rows (a frontal chest film: positive).
@@ -201,6 +205,7 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     lungs = (col[int(w * 0.15):int(w * 0.35)].mean() + col[int(w * 0.65):int(w * 0.85)].mean()) / 2
     return {"colour": float((chroma > 24).mean()), "contrast": contrast, "roughness": float(rough),
             "white": float((g > 247).mean()), "black": float((g < 8).mean()),
+            "flat": float(np.bincount((g.astype(np.int32) >> 3).ravel(), minlength=32)[1:31].max() / g.size),
             "symmetry": symmetry, "mediastinum": float((centre - lungs) / scale)}
 
 
@@ -291,6 +296,11 @@ def load_checked(path, spec=None, rules: GateRules = DEFAULT_RULES) -> tuple[np.
     if not decision.accepted:
         raise NotChestRadiograph(path, decision.rule, decision.reason.split(": ", 1)[1])
     return image, decision
+
+
+def loader(rules: GateRules = DEFAULT_RULES):
+    """`load(path, spec) -> image` for `load_images`: refused inputs become NotChestRadiograph."""
+    return lambda path, spec: load_checked(path, spec, rules)[0]
 
 
 def rules_for(loaded) -> GateRules:

@@ -144,8 +144,8 @@ def load_display_image(path: str | os.PathLike, max_side: int = 512) -> Image.Im
     return decode_file(p, fit, max_side)
 
 
-def load_images(paths: list, spec: Preprocessing = DEFAULT,
-                workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_images(paths: list, spec: Preprocessing = DEFAULT, workers: int | None = None,
+                load=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode many files with `load_image` on threads (Pillow releases the GIL while decoding).
 
     For the few hundred images that export and the report read; training's cache
@@ -154,12 +154,13 @@ def load_images(paths: list, spec: Preprocessing = DEFAULT,
     Returns:
         (images uint8 [n_ok, H, W, C], index into `paths` of each decoded image, one message per
         file that could not be decoded). A bad file is skipped, never fatal.
+        `load(path, spec)` replaces `load_image` (e.g. the input gate's `load_checked`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     def one(p):
         try:
-            return load_image(p, spec), None
+            return (load or load_image)(p, spec), None
         except ImageError as err:
             return None, str(err)
 
