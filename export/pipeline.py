@@ -28,6 +28,7 @@ import numpy as np
 from xray_edge import __version__
 from xray_edge.errors import XrayEdgeError, first_line
 from xray_edge.files import sha256_file
+from xray_edge.gate import rules_for_films
 from xray_edge.manifest import FileEntry, Manifest
 from xray_edge.metadata import ModelInfo, read_keras_metadata, tflite_with_metadata
 from xray_edge.preprocess import Preprocessing, load_images, release_freed_memory
@@ -150,6 +151,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
             results, files = _results_and_files(formats, proven, _convert_seconds(steps.timings, aside))
             n_cal = aside.images if aside else len(cal_images)
             manifest = _manifest(cfg, src, files, results, n_cal, len(par_images), sets.source)
+            # the input gate, with the statistics of the films the model came from (issue 23)
+            manifest = replace(manifest, input_gate=rules_for_films(par_images))
             _publish(stage, manifest, results, cfg.out, steps, log)
     steps.timings["total"] = time.perf_counter() - steps.start
     return ExportResult(manifest, results, steps.timings)

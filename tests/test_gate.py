@@ -8,6 +8,7 @@ them, blank, noise, a page of text, colour) and, where present, the shared real 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,17 @@ def test_classify_refuses_with_the_rule_and_goes_on(tiny_artifacts, mixed):
     recs = [json.loads(x) for x in r.stdout.splitlines()]
     assert recs[0] == {"path": str(mr), "status": "refused", "rule": "modality",
                        "refused": "not a chest radiograph: Modality MR"}
-    assert "label" in recs[1] and recs[1]["unlike_training"] == [] and "error" not in recs[1]
+    assert "label" in recs[1] and "error" not in recs[1] and "contrast" not in recs[1]["unlike_training"]
+
+
+def test_a_film_unlike_the_training_films_is_labelled_and_flagged(tiny_artifacts, tmp_path):
+    film = phantom_image(np.random.default_rng(5), False).astype(np.float32)
+    washed = tmp_path / "washed.png"  # another scanner: the same anatomy at under half the contrast
+    Image.fromarray((film * 0.45 + 70).astype(np.uint8)).save(washed)
+    r = run_cli("classify", "--json", "-m", tiny_artifacts, washed)
+    rec = json.loads(r.stdout)
+    assert r.returncode == 0 and "label" in rec
+    assert "contrast" in rec["unlike_training"]
 
 
 def test_accept_modality_widens_the_gate_with_a_warning(tiny_artifacts, mixed):
@@ -248,7 +259,8 @@ def test_calibrate_skips_refused_files(tiny_artifacts, tmp_path):
         for i in range(10):
             phantom_png(site / cls / f"{i}.png", seed=100 * k + i, opacities=cls == "COVID19")
     (site / "NORMAL" / "mr.dcm").write_bytes(pydicom_file("MR_small.dcm").read_bytes())
-    r = run_cli("calibrate", "-m", tiny_artifacts, "--data", site, "--json")
+    art = Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))  # site.json goes there
+    r = run_cli("calibrate", "-m", art, "--data", site, "--json")
     assert f"refused: {site / 'NORMAL' / 'mr.dcm'}: not a chest radiograph: Modality MR (skipped)" in r.stderr
     assert json.loads(r.stdout)["counts"] == {"COVID19": 10, "NORMAL": 10}
 
@@ -257,4 +269,7 @@ def test_info_shows_the_rules(tiny_artifacts):
     r = run_cli("info", tiny_artifacts, "--json")
     gate = json.loads(r.stdout)["input_gate"]
     assert gate["modalities"] == list(DEFAULT_RULES.modalities)
-    assert gate["source"].startswith("defaults")
+    # export recorded the statistics of the phantom films the model was made from
+    assert gate["source"] == "model" and gate["reference"]["images"] > 0
+    lo, hi = gate["reference"]["ranges"]["contrast"]
+    assert 20 < lo < hi < 80

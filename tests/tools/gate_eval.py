@@ -171,6 +171,9 @@ def main(argv=None) -> int:
                     help="the shared data folder (default: ../shared/data beside the repository)")
     ap.add_argument("--stats", action="store_true", help="percentiles of each statistic per set")
     ap.add_argument("--refused", action="store_true", help="list the refused real films")
+    ap.add_argument("--reference", default="real: nih-adult",
+                    help="the set whose even-numbered films make the training reference of the "
+                         "'unlike training' flag (default: %(default)s)")
     args = ap.parse_args(argv)
     data = args.data if args.data.is_dir() else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +205,19 @@ def main(argv=None) -> int:
                     if d is not None and not d.accepted:
                         print(f"    refused {p.name}: {reason}")
             stats_rows[name] = [d.statistics for _, d, _, _ in rows if d is not None and d.statistics]
+        ref_rows = stats_rows.get(args.reference, [])
+        if ref_rows:
+            from xray_edge.gate import GateRules, reference_of_statistics, unlike_training
+
+            rules = GateRules(reference=reference_of_statistics(ref_rows[::2]))
+            print(f"\nflagged 'unlike training' (reference: the even-numbered films of {args.reference}; "
+                  f"for that set, the odd-numbered ones)")
+            for name, rows in stats_rows.items():
+                if not name.startswith(("real", "phantoms")):
+                    continue
+                rows = rows[1::2] if name == args.reference else rows
+                flagged = sum(1 for r in rows if unlike_training(r, rules))
+                print(f"  {name:32} {flagged:5d} of {len(rows):5d}  ({100 * flagged / max(1, len(rows)):.0f}%)")
         if args.stats:
             print("\npercentiles 0.5 / 1 / 50 / 99 / 99.5 of each statistic")
             for name, rows in stats_rows.items():
