@@ -441,6 +441,12 @@ def info(model, file_name, backend, as_json):
 
     with tool_errors():
         d = describe(model, file_name, backend)
+    if not as_json:  # the gate's rules as a sentence; --json gives them as data
+        from xray_edge.gate import GateRules, summary
+
+        gate = d["input_gate"]
+        d["input_gate"] = f"({gate['source']}) " + summary(GateRules.from_dict(
+            {k: v for k, v in gate.items() if k != "source"}))
     _print_fields(d, as_json)
 
 

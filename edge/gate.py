@@ -332,6 +332,19 @@ def loader(rules: GateRules = DEFAULT_RULES):
     return lambda path, spec: load_checked(path, spec, rules)[0]
 
 
+def summary(rules: GateRules) -> str:
+    """The rules in one line, for `xray-edge info`."""
+    bounds = ", ".join(f"{name.split('_', 1)[1]} {'<=' if name.startswith('max') else '>='} "
+                       f"{getattr(rules, name):g}" for name in _REASONS)
+    ref = rules.reference
+    flag = (f"; flags films outside the statistics of {ref['images']} films of its training source"
+            if ref.get("images") else "; no reference of the training films (no 'unlike training' flag)")
+    return (f"DICOM: Modality {'/'.join(rules.modalities)}, body part {'/'.join(rules.body_parts)} "
+            f"and view {'/'.join(rules.views)} where given"
+            f"{', one frame' if rules.single_frame else ''}{', no secondary captures' if rules.original_only else ''}"
+            f". Any image: {bounds}{flag}")
+
+
 def rules_for(loaded) -> GateRules:
     """The gate of a loaded model: its manifest's input_gate, else its file's, else the defaults."""
     manifest = loaded.resolved.manifest
