@@ -18,7 +18,6 @@ import click
 
 from xray_edge import __version__
 from xray_edge.errors import ImageError, XrayEdgeError
-from xray_edge.gate import NotChestRadiograph
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -379,6 +378,7 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul
       xray-edge classify --model artifacts/xray.onnx scans/ --json
       find /pacs -name '*.dcm' -print0 | xray-edge classify -0 -
     """
+    from xray_edge.gate import NotChestRadiograph
     from xray_edge.inputs import expand_inputs, read_paths
     from xray_edge.output import Printer
 
@@ -556,7 +556,7 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
     """
     from xray_edge import explain as ex
     from xray_edge.inputs import expand_inputs, read_paths
-    from xray_edge.gate import load_checked
+    from xray_edge.gate import NotChestRadiograph, load_checked
 
     with tool_errors():
         clf, loaded, _ = _open_classifier(model, file_name, backend, threads, threshold)

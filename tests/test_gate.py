@@ -111,6 +111,17 @@ def test_chest_radiograph_dicom_is_accepted(tmp_path, tags):
     assert image.shape == (200, 200, 3)
 
 
+def test_a_malformed_gate_in_the_manifest_is_refused_before_any_image():
+    from xray_edge.manifest import Manifest
+
+    base = {"schema": 1, "labels": ["COVID19", "NORMAL"], "threshold": 0.5, "files": {},
+            "input": {"preprocessing": {}}}
+    assert Manifest.from_dict(base).input_gate == {}
+    assert Manifest.from_dict({**base, "input_gate": {"modalities": ["DX"]}}).input_gate == {"modalities": ["DX"]}
+    with pytest.raises(ValueError, match="min_contrast"):
+        Manifest.from_dict({**base, "input_gate": {"min_contrast": None}})
+
+
 def test_rules_are_data_with_defaults_and_widen_only_on_purpose():
     assert GateRules.from_dict({}) == DEFAULT_RULES == GateRules.from_dict(None)
     rules = GateRules.from_dict(DEFAULT_RULES.to_dict())
