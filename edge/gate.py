@@ -155,6 +155,8 @@ def check_header(header: dict, rules: GateRules = DEFAULT_RULES) -> tuple[str, s
         return "secondary_capture", "a secondary capture (a screenshot or scan of an image)"
     if rules.original_only and "SECONDARY" in image_type:
         return "secondary_capture", f"ImageType {header['ImageType']} (a derived secondary image)"
+    if rules.original_only and header.get("ConversionType", ""):
+        return "secondary_capture", f"ConversionType {header['ConversionType']} (a converted image, not the film)"
     if rules.single_frame and _frames(header.get("NumberOfFrames", "")) > 1:
         return "single_frame", f"{header['NumberOfFrames']} frames (a series or cine, not a film)"
     part = header.get("BodyPartExamined", "").upper()

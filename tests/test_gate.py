@@ -96,6 +96,7 @@ def test_header_rules_refuse_before_any_pixel_is_read(tmp_path):
     ({"NumberOfFrames": "2"}, "single_frame"),
     ({"ImageType": ["DERIVED", "SECONDARY"]}, "secondary_capture"),
     ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "secondary_capture"),
+    ({"ConversionType": "WSD"}, "secondary_capture"),
     ({"Modality": "MR"}, "modality"),
 ])
 def test_radiograph_header_rules(tmp_path, tags, rule):
