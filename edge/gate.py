@@ -6,9 +6,11 @@ Two checks, in this order, both on the device without TensorFlow:
    (CHEST where given), view (PA/AP where given), one frame, an original image (not a secondary
    capture or a derived screenshot).
 2. Image statistics on the model's own input array (any file, DICOM too): colour, contrast,
-   texture, fraction of white, left-right symmetry and the chest's column profile. They refuse
-   blank and uniform images, colour pictures and screenshots, pages of text and noise; the bounds
-   were chosen with ``make gate-eval`` (docs/edge.md).
+   texture, shares of white, black and flat grey, left-right symmetry and the chest's column
+   profile. They refuse blank and uniform images, colour pictures and screenshots, pages of text
+   and noise; the bounds were chosen with ``make gate-eval`` (docs/edge.md, with what they miss).
+   A film that passes but lies outside the statistics of the films the model came from is
+   labelled and flagged (`Decision.unlike_training`).
 
 The rules are data (`GateRules`), stored in the manifest as ``input_gate`` (defaults for manifests
 without one), shown by ``xray-edge info`` and widened only on purpose (``--accept-modality``).
@@ -39,7 +41,7 @@ _REASONS = {
     "max_flat": "mostly one flat grey (a page or a drawing?)",
     "max_black": "mostly black",
     "min_symmetry": "not left-right symmetric like a frontal chest film",
-    "min_mediastinum": "no chest column profile (mediastinum brighter than the lungs)",
+    "min_mediastinum": "no chest column profile (a film's mediastinum is brighter than its lungs)",
 }
 
 
@@ -62,7 +64,8 @@ class GateRules:
     max_black: float = 0.7
     min_symmetry: float = -0.5
     min_mediastinum: float = -0.5
-    # statistics of the training films (5th/95th percentiles): a film outside is flagged, not refused
+    # the range of each statistic over the films the model came from (`reference_ranges`): a film
+    # outside is labelled and flagged, not refused
     reference: dict = field(default_factory=dict)
     version: str = GATE_VERSION
 
