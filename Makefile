@@ -14,7 +14,7 @@ TFLITE_VENV := .venv-tflite
 
 BENCH_IMAGES ?= 20000
 
-.PHONY: help install train export report test pi-test bench bench-train bench-data data clean
+.PHONY: help install train export report test pi-test bench bench-train bench-data gate-eval data clean
 
 help:
 	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline)"
@@ -24,6 +24,7 @@ help:
 	@echo "make pi-test                         classify on arm64 Debian 12 under qemu, compare with host"
 	@echo "make bench | bench-train             speed figures for the edge runner / training"
 	@echo "make bench-data [BENCH_IMAGES=n]     decode + batch throughput and peak memory, n synthetic images"
+	@echo "make gate-eval [GATE_DATA=path]      the input gate: accepted/refused per set of films and non-films"
 	@echo "make data                            fetch the tutorial's dataset into data/ (needs network)"
 
 $(BIN)/.installed: pyproject.toml
@@ -84,6 +85,12 @@ bench-train: $(BIN)/.gpu
 # shuffled epoch of batches; prints images/s and the peak resident memory.
 bench-data: $(BIN)/.installed
 	$(BIN)/python tests/tools/bench_data.py --images $(BENCH_IMAGES) --out data/bench
+
+# The input gate's evidence: accepted/refused per set (real films of GATE_DATA, phantoms, built
+# non-radiographs, pydicom's test files); exit 1 when a set misses its target (docs/edge.md).
+GATE_DATA ?= ../shared/data
+gate-eval: $(BIN)/.installed
+	$(BIN)/python tests/tools/gate_eval.py --data "$(GATE_DATA)"
 
 data:
 	@mkdir -p data

@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from xray_edge.errors import ImageError, first_line
+from xray_edge.gate import DEFAULT_RULES, GateRules, load_checked
 from xray_edge.metadata import ModelInfo
-from xray_edge.preprocess import load_image
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Prediction:
     scores: dict[str, float]  # probability of each class
     decode_ms: float
     infer_ms: float
+    unlike_training: tuple[str, ...] = ()  # gate statistics outside the training films' range
 
     @property
     def probability(self) -> float:
@@ -93,10 +94,12 @@ def _feed(paths: Iterable, size: int):
 class Classifier:
     """A loaded backend plus the meaning of its outputs."""
 
-    def __init__(self, backend, info: ModelInfo, threshold: float | None = None):
+    def __init__(self, backend, info: ModelInfo, threshold: float | None = None,
+                 rules: GateRules = DEFAULT_RULES):
         self.backend = backend
         self.info = info
         self.threshold = resolve_threshold(info, threshold)
+        self.rules = rules  # the input gate: only chest radiographs get a label
 
     def classify_array(self, image: np.ndarray) -> tuple[str, dict[str, float]]:
         """(label, scores); ValueError when the model's output is not finite (no decision then)."""
@@ -109,6 +112,8 @@ class Classifier:
                        lookahead: int = 8) -> Iterator[Prediction | ImageError]:
         """Yield one Prediction or ImageError per input, in order.
 
+        An input the gate refuses yields `NotChestRadiograph` (an ImageError: no label).
+
         Decoding runs on `workers` threads (Pillow releases the GIL while decoding and
         resizing), `lookahead` images ahead of inference, so on a multi-core device throughput
         is set by the slower of decode and invoke rather than their sum.
@@ -118,12 +123,12 @@ class Classifier:
         def decode(p: Path):
             t0 = time.perf_counter()
             try:
-                image = load_image(p, spec)
+                image, decision = load_checked(p, spec, self.rules)
             except ImageError:
                 raise
             except Exception as exc:  # noqa: BLE001 - last guard: one file never ends the batch
                 raise ImageError(p, f"cannot decode: {type(exc).__name__}: {first_line(exc)}") from None
-            return image, (time.perf_counter() - t0) * 1e3
+            return image, decision.unlike_training, (time.perf_counter() - t0) * 1e3
 
         pending: deque[tuple[Path | ImageError, Future | None]] = deque()
         inbox, stop = _feed(paths, lookahead)
@@ -156,7 +161,7 @@ class Classifier:
                 yield item
                 continue
             try:
-                image, decode_ms = fut.result()
+                image, unlike, decode_ms = fut.result()
             except ImageError as err:
                 yield err
                 continue
@@ -167,4 +172,4 @@ class Classifier:
                 yield ImageError(item, f"inference failed: {first_line(exc)}")
                 continue
             yield Prediction(str(item), label, scores, decode_ms,
-                             (time.perf_counter() - t0) * 1e3)
+                             (time.perf_counter() - t0) * 1e3, unlike)

@@ -52,6 +52,28 @@ threads_option = click.option(
     help="Interpreter threads. Default: all cores (measured gains: docs/edge.md).")
 
 
+def gate_options(fn):
+    """--accept-modality/-body-part/-view: widen the input gate on purpose (xray-edge info shows it)."""
+    for name, what in (("view", "ViewPosition"), ("body-part", "BodyPartExamined"), ("modality", "Modality")):
+        fn = click.option(f"--accept-{name}", f"accept_{name.replace('-', '_')}", multiple=True,
+                          metavar="NAME", help=f"Also accept DICOM files of this {what} (repeatable); "
+                          "by default only chest radiographs get a label.")(fn)
+    return fn
+
+
+def _gate_rules(loaded, accept_modality=(), accept_body_part=(), accept_view=()):
+    """The model's input gate, widened by the --accept-* options, with a warning when it is."""
+    from xray_edge.gate import rules_for
+
+    rules = rules_for(loaded)
+    wider = [f"{what} {v.upper()}" for what, vs in (("Modality", accept_modality),
+             ("BodyPartExamined", accept_body_part), ("ViewPosition", accept_view)) for v in vs]
+    if wider:
+        click.secho(f"warning: input gate widened on request: also accepting {', '.join(wider)}",
+                    fg="yellow", err=True)
+    return rules.accepting(accept_modality, accept_body_part, accept_view)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="xray-edge")
 def main() -> None:
@@ -331,13 +353,18 @@ _MODEL_HELP = ("An artifacts folder with manifest.json (uses its default file, i
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per line, for every input: results and {path, error} records.")
 @click.option("-0", "--null", "nul", is_flag=True, help="Paths on stdin end with NUL (find -print0).")
-def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul):
+@gate_options
+def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul,
+             accept_modality, accept_body_part, accept_view):
     """Classify images: files, folders (recursive), globs, or - to read paths from stdin.
 
     \b
     Prints one line per image:  PATH<TAB>LABEL<TAB>PROBABILITY
     Errors go to stderr, one line per input (and as {"path", "error"} records with --json).
-    Exit codes: 0 all classified, 1 some inputs failed (the rest printed), 2 usage/model error.
+    Only chest radiographs get a label: other inputs are refused with the rule they break
+    ("refused: PATH: not a chest radiograph: Modality MR"; {"status": "refused"} with --json).
+    Exit codes: 0 all classified, 1 some inputs failed or were refused (the rest printed),
+    2 usage/model error.
 
     \b
     Examples:
@@ -345,11 +372,13 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul
       xray-edge classify --model artifacts/xray.onnx scans/ --json
       find /pacs -name '*.dcm' -print0 | xray-edge classify -0 -
     """
+    from xray_edge.gate import NotChestRadiograph
     from xray_edge.inputs import expand_inputs, read_paths
     from xray_edge.output import Printer
 
     with tool_errors():
         clf, loaded, threshold_source = _open_classifier(model, file_name, backend, threads, threshold)
+        clf.rules = _gate_rules(loaded, accept_modality, accept_body_part, accept_view)
     if clf.info.synthetic_data:
         click.secho("warning: this model was trained on SYNTHETIC phantom data, not X-rays", fg="yellow", err=True)
     stdin = read_paths(click.get_binary_stream("stdin"), nul) if "-" in inputs else ()
@@ -361,7 +390,10 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul
     failed = 0
     with out:
         for item in clf.classify_paths(items, workers=min(4, os.cpu_count() or 1)):
-            if isinstance(item, ImageError):
+            if isinstance(item, NotChestRadiograph):
+                failed += 1
+                out.refused(item.path, item.reason, item.rule)
+            elif isinstance(item, ImageError):
                 failed += 1
                 out.error(item.path, item.reason)
             else:
@@ -403,6 +435,12 @@ def info(model, file_name, backend, as_json):
 
     with tool_errors():
         d = describe(model, file_name, backend)
+    if not as_json:  # the gate's rules as a sentence; --json gives them as data
+        from xray_edge.gate import GateRules, summary
+
+        gate = d["input_gate"]
+        d["input_gate"] = f"({gate['source']}) " + summary(GateRules.from_dict(
+            {k: v for k, v in gate.items() if k != "source"}))
     _print_fields(d, as_json)
 
 
@@ -448,7 +486,9 @@ def _print_fields(d: dict, as_json: bool) -> None:
               help="Warn when a 95% interval at the new threshold is wider than this (default 0.25).")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print site.json's content.")
-def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_width, threads, as_json):
+@gate_options
+def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_width, threads, as_json,
+              accept_modality, accept_body_part, accept_view):
     """Choose this site's threshold on its own labelled images; write site.json beside the model.
 
     Classifies DATA/<class>/* with the model file classify would use, chooses the threshold with
@@ -462,9 +502,11 @@ def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_wi
 
     with tool_errors():
         loaded = open_model(model, file_name, backend, threads or os.cpu_count())
-        rec, errors = site.calibrate_model(loaded, site_dir, target_sensitivity)
+        rules = _gate_rules(loaded, accept_modality, accept_body_part, accept_view)
+        rec, errors = site.calibrate_model(loaded, site_dir, target_sensitivity, rules)
     for e in errors:
-        click.echo(f"error: {e} (skipped)", err=True)
+        # the gate's refusals are decisions, not broken files
+        click.echo(f"{'refused' if ': not a chest radiograph: ' in e else 'error'}: {e} (skipped)", err=True)
     path = rec.write(loaded.path.parent)
     if as_json:
         click.echo(json.dumps(rec.to_dict(), indent=2))
@@ -495,7 +537,9 @@ def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_wi
               help="Longest side of the PNG's picture, in pixels (the original's aspect is kept).")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image with the grid of scores.")
-def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, max_side, threads, as_json):
+@gate_options
+def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, max_side, threads, as_json,
+            accept_modality, accept_body_part, accept_view):
     """Where the model looks: an occlusion heat map over each X-ray, as a PNG.
 
     Each patch of the model's input is covered in turn with the image's mean grey and the image
@@ -506,10 +550,11 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
     """
     from xray_edge import explain as ex
     from xray_edge.inputs import expand_inputs, read_paths
-    from xray_edge.preprocess import load_image
+    from xray_edge.gate import NotChestRadiograph, load_checked
 
     with tool_errors():
         clf, loaded, _ = _open_classifier(model, file_name, backend, threads, threshold)
+        rules = _gate_rules(loaded, accept_modality, accept_body_part, accept_view)
     occ = ex.Occlusion(grid=grid, patch=patch)
     stdin = read_paths(click.get_binary_stream("stdin")) if "-" in inputs else ()
     failed, used = 0, set()
@@ -517,13 +562,13 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
         try:
             if isinstance(item, ImageError):
                 raise item
-            image = load_image(item, clf.info.preprocessing)
+            image, _ = load_checked(item, clf.info.preprocessing, rules)
             result = ex.explain_image(image, clf.backend.predict, clf.info.labels, clf.threshold, occ)
             pic, caption = ex.picture(item, result, max_side)
             path = ex.write_png(pic, out_dir / ex.out_name(Path(item), used), caption, result)
         except ImageError as err:
             failed += 1
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"{'refused' if isinstance(err, NotChestRadiograph) else 'error'}: {err}", err=True)
             continue
         if as_json:
             click.echo(json.dumps({"path": str(item), "png": str(path), **result.to_dict(),

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
+from xray_edge.decode import DECODE_BUDGET, MAX_PIXELS, check_size
 from xray_edge.errors import ImageError, first_line
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zipped
@@ -25,14 +25,14 @@ _DEFLATE_SLACK = 16 << 20
 _BAND_PIXELS = 1 << 20
 
 
-def read_dicom(path: Path, check_size=None, budget=None, finish=None):
+def read_dicom(path: Path, finish=None):
     """Return the first frame as uint8, (H, W) for grey images or (H, W, 3) for colour.
+
+    The size limits of `xray_edge.decode.check_size` are checked before pixel data is decoded,
+    and the decode holds the shared `DECODE_BUDGET`.
 
     Args:
         path: a DICOM file.
-        check_size: called as ``check_size(path, width, height)`` before pixel data is decoded;
-            raises ImageError for sizes out of limits (see `xray_edge.preprocess.check_size`).
-        budget: a `PixelBudget` held while the pixels are decoded (and finished).
         finish: applied to the uint8 frame inside the budget (e.g. resizing); its result is returned.
     """
     try:
@@ -40,7 +40,7 @@ def read_dicom(path: Path, check_size=None, budget=None, finish=None):
         from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
     except ImportError:
         raise ImageError(path, "DICOM support needs the extra: pip install 'xray-edge[dicom]'") from None
-    _check_deflated(path, check_size)
+    _check_deflated(path)
     try:
         # defer_size: pixel data stays on disk until the header has been checked
         ds = pydicom.dcmread(path, defer_size=1 << 16)
@@ -49,15 +49,47 @@ def read_dicom(path: Path, check_size=None, budget=None, finish=None):
     if "PixelData" not in ds:
         raise ImageError(path, "DICOM file has no pixel data")
     rows, cols = _int_tag(path, ds, "Rows"), _int_tag(path, ds, "Columns")
-    if check_size is not None:
-        check_size(path, cols, rows)
-    with budget.hold(rows * cols) if budget is not None else nullcontext():
+    check_size(path, cols, rows)
+    with DECODE_BUDGET.hold(rows * cols):
         grey = _frame(path, ds, pixel_array, apply_modality_lut, apply_voi_lut)
         if finish is None:
             return grey
         small = finish(grey)
         del grey, ds  # free the full-size pixels before the next large decode may start
         return small
+
+
+HEADER_KEYWORDS = ("Modality", "BodyPartExamined", "ViewPosition", "NumberOfFrames", "SOPClassUID",
+                   "ImageType", "ConversionType")
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """The tags the input gate decides on, as plain strings ("" when absent); no pixel is read.
+
+    Multi-valued tags (ImageType) are joined with a backslash, as DICOM writes them.
+    """
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageError(path, "DICOM support needs the extra: pip install 'xray-edge[dicom]'") from None
+    _check_deflated(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - InvalidDicomError, EOFError, struct.error, ...
+        raise ImageError(path, f"not a readable DICOM file: {first_line(exc)}") from None
+    out = {}
+    for key in HEADER_KEYWORDS:
+        try:
+            v = ds.get(key)
+        except Exception:  # noqa: BLE001 - a value pydicom cannot parse counts as absent
+            v = None
+        if v is None:
+            out[key] = ""
+        elif isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+            out[key] = "\\".join(str(x) for x in v)
+        else:
+            out[key] = str(v).strip()
+    return out
 
 
 def _frame(path: Path, ds, pixel_array, apply_modality_lut, apply_voi_lut) -> np.ndarray:
@@ -68,8 +100,11 @@ def _frame(path: Path, ds, pixel_array, apply_modality_lut, apply_voi_lut) -> np
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         if syntax is not None and getattr(syntax, "is_compressed", False):
-            raise ImageError(path, f"compressed DICOM ({name}) needs a decoder: "
-                                   "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
+            if not _decoder_available(syntax):
+                raise ImageError(path, f"compressed DICOM ({name}) needs a decoder: pip install "
+                                       "'xray-edge[dicom]' (JPEG Extended 12-bit: also pylibjpeg-libjpeg)") from None
+            hint = " (12-bit JPEG Extended needs pylibjpeg-libjpeg)" if syntax == "1.2.840.10008.1.2.4.51" else ""
+            raise ImageError(path, f"cannot decode compressed DICOM ({name}){hint}: {first_line(exc)}") from None
         raise ImageError(path, f"cannot decode DICOM pixels: {first_line(exc)}") from None
     if arr.ndim == 3 and arr.shape[-1] == 3:
         return arr if arr.dtype == np.uint8 else _stretch_rows(arr, lambda a: a.astype(np.float64))
@@ -81,6 +116,15 @@ def _frame(path: Path, ds, pixel_array, apply_modality_lut, apply_voi_lut) -> np
         raise
     except Exception as exc:  # noqa: BLE001 - a LUT that does not fit the pixels, ...
         raise ImageError(path, f"cannot apply the DICOM grey-level tables: {first_line(exc)}") from None
+
+
+def _decoder_available(syntax) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(syntax).is_available)
+    except Exception:  # noqa: BLE001 - no decoder known for this syntax at all
+        return False
 
 
 def _grey(path: Path, arr: np.ndarray, ds, apply_modality_lut, apply_voi_lut) -> np.ndarray:
@@ -166,7 +210,7 @@ def _int_tag(path: Path, ds, keyword: str) -> int:
     return int(v)
 
 
-def _check_deflated(path: Path, check_size) -> None:
+def _check_deflated(path: Path) -> None:
     """Refuse a deflated dataset that inflates beyond the largest allowed image (a zip bomb)."""
     try:
         with open(path, "rb") as f:
@@ -177,8 +221,6 @@ def _check_deflated(path: Path, check_size) -> None:
             meta = f.read(min(meta_len, 1 << 16))
             if DEFLATED.encode() not in meta:
                 return
-            from xray_edge.preprocess import MAX_PIXELS
-
             limit = 3 * MAX_PIXELS + _DEFLATE_SLACK
             inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
             f.seek(132 + 12 + meta_len)

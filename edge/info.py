@@ -27,7 +27,17 @@ def describe(model: str, file_name: str | None = None, backend: str = "auto") ->
         "preprocessing": info.preprocessing.to_dict(),
         "runtime": f"{backend.name} {backend.version}",
         "synthetic_data": info.synthetic_data,
+        "input_gate": _gate(loaded),
     }
     if entry is not None and entry.parity:
         out["parity_at_export"] = entry.parity
     return out
+
+
+def _gate(loaded) -> dict:
+    """The input gate's rules in force, and where they come from."""
+    from xray_edge.gate import rules_for
+
+    manifest = loaded.resolved.manifest
+    own = (manifest is not None and manifest.input_gate) or loaded.info.extra.get("input_gate")
+    return {"source": "model" if own else "defaults (the model records none)", **rules_for(loaded).to_dict()}

@@ -73,6 +73,7 @@ class Manifest:
     calibration: dict = field(default_factory=dict)
     parity_set: dict = field(default_factory=dict)
     gates: dict = field(default_factory=dict)
+    input_gate: dict = field(default_factory=dict)  # xray_edge.gate.GateRules; {}: the defaults
     versions: dict = field(default_factory=dict)
     created: str = ""
     xray_edge_version: str = ""
@@ -110,6 +111,7 @@ class Manifest:
             "parity_set": self.parity_set,
             "gates": self.gates,
             "versions": self.versions,
+            **({"input_gate": self.input_gate} if self.input_gate else {}),
         }
 
     @classmethod
@@ -143,6 +145,7 @@ class Manifest:
             rejected=_dict(d, "rejected"), source_model=_dict(d, "source_model"),
             training=_dict(d, "training"), calibration=_dict(d, "calibration"),
             parity_set=_dict(d, "parity_set"), gates=_dict(d, "gates"), versions=_dict(d, "versions"),
+            input_gate=_input_gate(d),
             created=_str(d.get("created", "")), xray_edge_version=_str(d.get("xray_edge_version", "")),
         )
 
@@ -230,3 +233,12 @@ def _str(v) -> str:
 
 def _opt_str(v) -> str | None:
     return None if v is None else _str(v)
+
+
+def _input_gate(d: dict) -> dict:
+    """The input gate's rules, checked now so a malformed one fails before any image is read."""
+    from xray_edge.gate import GateRules
+
+    raw = _dict(d, "input_gate")
+    GateRules.from_dict(raw)
+    return raw

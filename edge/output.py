@@ -33,12 +33,23 @@ class Printer:
         if self.as_json:
             line = json.dumps({
                 "path": pred.path, "label": pred.label, "probability": round(pred.probability, 6),
-                "scores": {k: round(v, 6) for k, v in pred.scores.items()}, **extra,
+                "scores": {k: round(v, 6) for k, v in pred.scores.items()},
+                "unlike_training": list(getattr(pred, "unlike_training", ())), **extra,
                 "ms": {"decode": round(pred.decode_ms, 2), "infer": round(pred.infer_ms, 2)},
             }, allow_nan=False)
         else:
             line = f"{pred.path}\t{pred.label}\t{pred.probability:.3f}"
         self._emit(self._out, line)
+        self._tick()
+
+    def refused(self, path, reason: str, rule: str) -> None:
+        """The input gate's decision (no label): counted as a failed input, but not an error."""
+        self.failed += 1
+        path = os.fspath(path)
+        self._emit(self._err, f"refused: {path}: {reason}")
+        if self.as_json:
+            self._emit(self._out, json.dumps({"path": path, "status": "refused", "refused": reason,
+                                              "rule": rule}))
         self._tick()
 
     def error(self, path, reason: str) -> None:

@@ -1,48 +1,29 @@
-"""Where an image file becomes the model's input array.
+"""Where an image file becomes the model's input array: the recipe.
 
 `load_image` is the one preprocessing of the project: training, calibration, parity checks and
 the edge runner all call it. It returns plain 0-255 pixels as uint8 (H, W, 3); the scaling to
-[0, 1] lives inside the model, so every exported format takes the same array.
+[0, 1] lives inside the model, so every exported format takes the same array. Decoding (limits,
+memory budget, bit depths) is `xray_edge.decode`'s; DICOM's grey levels are `xray_edge.dicom`'s.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import threading
-import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-import stat
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from xray_edge.errors import ImageError, first_line
+from xray_edge.decode import (  # noqa: F401 - re-exported: the names callers have always used
+    DECODE_BUDGET, DICOM_SUFFIXES, IMAGE_SUFFIXES, MAX_PIXELS, MIN_SIDE, PixelBudget, check_file,
+    check_size, has_dicom_preamble, high_depth_to_uint8, is_dicom, read_pillow, release_freed_memory,
+)
+from xray_edge.errors import ImageError
 
 # Bump whenever the pixels this module produces change: the training cache and the manifest
 # are keyed by it, so a model is never fed arrays made by a different recipe.
 PREPROCESS_VERSION = "1"
-
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
-)
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
-
-# A chest film digitised at 100 um is about 4300 x 3500 px (15 Mpx); anything far beyond that is
-# a decompression bomb or not an X-ray. Pillow's own bomb check (89 Mpx) only warns below 2x.
-MAX_PIXELS = 64_000_000
-MIN_SIDE = 16
-
-# Only these decoders ever see a file (DICOM goes through pydicom). Pillow knows ~40 formats,
-# some of which hand the file to external programs (PostScript to Ghostscript).
-ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP")
-_ALLOWED_TEXT = "JPEG, PNG, BMP, TIFF, GIF, WebP or DICOM"
-
-# Rows converted at a time for images that need a pixel-wise conversion (16-bit, alpha), so a
-# large image is never held in two full-size copies of a wider type.
-_BAND_PIXELS = 1 << 20
 
 MAX_SIZE = 1024  # a model input side beyond this is not a chest X-ray classifier's
 
@@ -96,71 +77,23 @@ class Preprocessing:
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _RESAMPLE_NAMES = frozenset(_RESAMPLE)
-# EXIF orientation tag -> the turn that shows the image upright (as ImageOps.exif_transpose)
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
+
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_RESAMPLE_NAMES = frozenset(_RESAMPLE)
+
 
 DEFAULT = Preprocessing()
 
 
-class PixelBudget:
-    """A semaphore weighted by pixel count: large decodes wait for each other, small ones pass.
+def decode_file(p: Path, fit, draft_side: int | None = None) -> Image.Image:
+    """Any supported file -> `fit(8-bit L or RGB image)`, by Pillow or, for DICOM, pydicom."""
+    check_file(p)
+    if is_dicom(p):
+        from xray_edge.dicom import read_dicom  # optional extra, imported only when needed
 
-    Decoding a large image holds a few bytes per pixel for a moment; with one budget of
-    `MAX_PIXELS` shared by every decode thread, the worst allowed image is decoded alone and
-    the peak memory of a batch is that of one such image, whatever the number of threads.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._free = capacity
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def hold(self, pixels: int):
-        need = max(1, min(int(pixels), self.capacity))
-        with self._cond:
-            self._cond.wait_for(lambda: self._free >= need)
-            self._free -= need
-        try:
-            yield
-        finally:
-            if need >= _TRIM_PIXELS:
-                release_freed_memory()
-            with self._cond:
-                self._free += need
-                self._cond.notify_all()
-
-
-# glibc keeps what a thread freed in that thread's arena, so each decode thread would keep the
-# memory of its largest image; after a large decode, hand freed memory back to the system.
-_TRIM_PIXELS = 4_000_000
-
-
-def release_freed_memory() -> None:
-    """Hand memory this process freed back to the system (glibc keeps it otherwise)."""
-    global _malloc_trim
-    if _malloc_trim is None:  # looked up on the first large decode: ctypes stays off the start-up path
-        _malloc_trim = _find_malloc_trim()
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-def _find_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere there is nothing to do
-    except (OSError, AttributeError, ImportError):
-        return False
-
-
-_malloc_trim = None
-
-
-DECODE_BUDGET = PixelBudget(MAX_PIXELS)
+        return read_dicom(p, lambda grey: fit(Image.fromarray(grey)))
+    return read_pillow(p, fit, draft_side)
 
 
 def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.ndarray:
@@ -180,19 +113,13 @@ def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.nda
         >>> x = load_image("scan.jpg")          # (200, 200, 3) uint8
     """
     p = Path(path)
-    _check_file(p)
-    suffix = p.suffix.lower()
-    # DICOM files often have no suffix; a file named like a picture is not read twice to check
-    if suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_preamble(p)):
-        from xray_edge.dicom import read_dicom  # optional extra, imported only when needed
 
-        def finish(grey: np.ndarray) -> Image.Image:
-            return _shrink(p, Image.fromarray(grey), spec)
+    def shrink(img: Image.Image) -> Image.Image:  # 8-bit L/RGB at full size -> the model's size
+        if img.mode not in ("L", "RGB"):
+            raise ImageError(p, f"unsupported pixel mode {img.mode}")  # pragma: no cover - defensive
+        return img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
 
-        img = read_dicom(p, check_size, DECODE_BUDGET, finish)
-    else:
-        img = _read_pillow(p, spec)
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.asarray(decode_file(p, shrink, spec.size), dtype=np.uint8)
     if arr.ndim == 2:  # grayscale: the tutorial's model takes RGB, so copy to three channels
         arr = np.repeat(arr[:, :, None], spec.channels, axis=2)
     return np.ascontiguousarray(arr)
@@ -205,7 +132,6 @@ def load_display_image(path: str | os.PathLike, max_side: int = 512) -> Image.Im
     The same checks, decoders and memory budget as `load_image`. Raises ImageError.
     """
     p = Path(path)
-    _check_file(p)
 
     def fit(img: Image.Image) -> Image.Image:
         if img.mode not in ("L", "RGB"):
@@ -215,194 +141,11 @@ def load_display_image(path: str | os.PathLike, max_side: int = 512) -> Image.Im
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)  # a new image, never in place
 
-    suffix = p.suffix.lower()
-    if suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_preamble(p)):
-        from xray_edge.dicom import read_dicom
-
-        return read_dicom(p, check_size, DECODE_BUDGET, lambda grey: fit(Image.fromarray(grey)))
-    return _read_pillow(p, Preprocessing(size=max_side), fit)
+    return decode_file(p, fit, max_side)
 
 
-def _shrink(p: Path, img: Image.Image, spec: Preprocessing) -> Image.Image:
-    """8-bit L/RGB at full size -> the model's size; run inside the decode budget."""
-    if img.mode not in ("L", "RGB"):
-        raise ImageError(p, f"unsupported pixel mode {img.mode}")  # pragma: no cover - defensive
-    return img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
-
-
-def _check_file(p: Path) -> None:
-    try:
-        st = p.stat()  # Path.exists() raises on a name too long or a folder that cannot be entered
-    except FileNotFoundError:
-        raise ImageError(p, "no such file") from None
-    except OSError as exc:
-        raise ImageError(p, f"cannot open: {exc.strerror or first_line(exc)}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError(p, "is a directory, not an image")
-    if not os.access(p, os.R_OK):
-        raise ImageError(p, "permission denied")
-    if st.st_size == 0:
-        raise ImageError(p, "empty file (0 bytes)")
-
-
-def check_size(p: Path, w: int, h: int) -> None:
-    """The pixel limits every image obeys, checked from its header before pixels are decoded."""
-    if w * h > MAX_PIXELS:
-        raise ImageError(p, f"{w}x{h} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
-    if min(w, h) < MIN_SIDE:
-        raise ImageError(p, f"{w}x{h} pixels is too small (min side {MIN_SIDE})")
-
-
-def has_dicom_preamble(p: Path) -> bool:
-    """True when the file starts with the DICOM preamble (128 bytes, then b"DICM")."""
-    try:
-        with open(p, "rb") as f:
-            head = f.read(132)
-    except OSError as exc:
-        raise ImageError(p, f"cannot read: {exc.strerror or exc}") from None
-    return head[128:132] == b"DICM"
-
-
-def _format_name(p: Path) -> str | None:
-    """The format Pillow would take this file for, from its first bytes only (nothing is opened)."""
-    try:
-        with open(p, "rb") as f:
-            prefix = f.read(64)
-    except OSError:
-        return None
-    Image.init()
-    for fmt in Image.ID:
-        accept = Image.OPEN[fmt][1]
-        try:
-            if accept is not None and accept(prefix):
-                return fmt
-        except Exception:  # noqa: BLE001 - a plugin's sniffing is not our concern
-            continue
-    return None
-
-
-def _read_pillow(p: Path, spec: Preprocessing, shrink=None) -> Image.Image:
-    """Open with Pillow and reduce to 8-bit L or RGB; every decoder failure becomes ImageError.
-
-    `shrink(image)` replaces the resize to the model's square input (pictures keep their aspect).
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bomb and corrupt-EXIF warnings: we decide, not stderr
-            with Image.open(p, formats=ALLOWED_FORMATS) as im:
-                check_size(p, *im.size)
-                if im.format == "JPEG":
-                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, still >= size: faster, and a
-                    # fraction of the memory (docs/edge.md).
-                    im.draft(im.mode, (spec.size, spec.size))
-                with DECODE_BUDGET.hold(im.size[0] * im.size[1]):
-                    im.load()
-                    turn = _ORIENTATION.get(im.getexif().get(0x0112))
-                    out = _to_8bit(im)  # pixel-wise, so it commutes with the turn below
-                    upright = out.transpose(turn) if turn is not None else out
-                    small = shrink(upright) if shrink is not None else _shrink(p, upright, spec)
-                    # free the full-size pixels before the next large decode may start
-                    del out
-                    im.close()
-                    return small
-    except ImageError:
-        raise
-    except Image.UnidentifiedImageError:
-        name = _format_name(p)
-        if name is not None and name not in ALLOWED_FORMATS:
-            raise ImageError(p, f"{name} files are not accepted (only {_ALLOWED_TEXT})") from None
-        raise ImageError(p, "not a recognised image format") from None
-    except Image.DecompressionBombError:
-        raise ImageError(p, f"decompression bomb: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels") from None
-    except Exception as exc:  # noqa: BLE001 - every decoder failure is a bad file, not a crash
-        raise ImageError(p, f"cannot decode: {first_line(exc)}") from None
-
-
-def _to_8bit(im: Image.Image) -> Image.Image:
-    mode = im.mode
-    if mode in ("L", "RGB"):
-        return im
-    if mode.startswith("I") or mode == "F":
-        # A transparency chunk on 16-bit grey is ignored, as on 8-bit grey: a detour through
-        # 8-bit RGBA would clip every level above 255.
-        return _high_depth_image(im)
-    if mode in ("RGBA", "LA", "PA", "P", "La", "RGBa") or "transparency" in im.info:
-        out_mode = "L" if mode in ("LA", "La") else "RGB"
-        return _in_bands(im, out_mode, lambda band: _over_black(band, out_mode))
-    if mode == "1":
-        return im.convert("L")
-    return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
-
-
-def _over_black(im: Image.Image, out_mode: str) -> Image.Image:
-    # Alpha over black: transparent margins of an exported figure look like film background.
-    rgba = im.convert("RGBA")
-    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    out = Image.alpha_composite(black, rgba).convert("RGB")
-    return out.convert("L") if out_mode == "L" else out
-
-
-def _in_bands(im: Image.Image, out_mode: str, convert) -> Image.Image:
-    """Apply a pixel-wise `convert` a band of rows at a time into one 8-bit image.
-
-    The same pixels as converting the whole image at once, without full-size intermediates.
-    """
-    w, h = im.size
-    rows = max(1, _BAND_PIXELS // max(1, w))
-    if rows >= h:
-        return convert(im)
-    out = Image.new(out_mode, (w, h))
-    for top in range(0, h, rows):
-        out.paste(convert(im.crop((0, top, w, min(h, top + rows)))), (0, top))
-    return out
-
-
-def _high_depth_image(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit or float grey -> 8-bit L, band by band, scaled by `high_depth_to_uint8`'s rule."""
-    if im.mode == "F":
-        lo, hi = (float(v) for v in im.getextrema())
-        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf: only the slow path copes
-            return Image.fromarray(high_depth_to_uint8(np.asarray(im)))
-
-        def convert(band):
-            a = np.asarray(band, dtype=np.float64)
-            return Image.fromarray(_scale_float(a, lo, hi))
-    else:
-        hi = max(0, int(im.getextrema()[1]))
-        factor = 255.0 / (2 ** _bits(hi) - 1)
-
-        def convert(band):
-            a = np.clip(np.asarray(band).astype(np.int64), 0, None)
-            return Image.fromarray(np.round(a * factor).astype(np.uint8))
-    return _in_bands(im, "L", convert)
-
-
-def _bits(hi: int) -> int:
-    return max(8, math.ceil(math.log2(hi + 1))) if hi > 0 else 8
-
-
-def _scale_float(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    return np.round(scaled * 255).astype(np.uint8)
-
-
-def high_depth_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Map 16-bit (or wider) grey levels to 0-255.
-
-    Integer data is scaled by its bit depth, taken as the smallest of 8..16+ bits that holds the
-    image's maximum, so 12-bit detectors stored in 16-bit PNGs keep their contrast. Float data
-    is stretched from its minimum to its maximum.
-    """
-    if arr.dtype.kind == "f":
-        arr = np.nan_to_num(arr.astype(np.float64))
-        return _scale_float(arr, float(arr.min()), float(arr.max()))
-    arr = np.clip(arr.astype(np.int64), 0, None)
-    hi = int(arr.max()) if arr.size else 0
-    return np.round(arr * (255.0 / (2 ** _bits(hi) - 1))).astype(np.uint8)
-
-
-def load_images(paths: list, spec: Preprocessing = DEFAULT,
-                workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_images(paths: list, spec: Preprocessing = DEFAULT, workers: int | None = None,
+                load=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode many files with `load_image` on threads (Pillow releases the GIL while decoding).
 
     For the few hundred images that export and the report read; training's cache
@@ -411,12 +154,13 @@ def load_images(paths: list, spec: Preprocessing = DEFAULT,
     Returns:
         (images uint8 [n_ok, H, W, C], index into `paths` of each decoded image, one message per
         file that could not be decoded). A bad file is skipped, never fatal.
+        `load(path, spec)` replaces `load_image` (e.g. the input gate's `load_checked`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     def one(p):
         try:
-            return load_image(p, spec), None
+            return (load or load_image)(p, spec), None
         except ImageError as err:
             return None, str(err)
 

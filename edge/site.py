@@ -22,6 +22,7 @@ from xray_edge import metrics
 from xray_edge.classify import predicted_classes
 from xray_edge.errors import ModelError, XrayEdgeError
 from xray_edge.files import atomic_write_json, check_schema, read_json_record
+from xray_edge.gate import DEFAULT_RULES, GateRules, loader
 from xray_edge.inputs import walk_images
 from xray_edge.manifest import check_sha256, check_threshold
 from xray_edge.preprocess import Preprocessing, load_images
@@ -182,8 +183,11 @@ def positive_index(classes: tuple[str, ...], named: str | None) -> int:
 
 
 def calibrate(predict, classes: tuple[str, ...], pos: int, spec: Preprocessing, site: Path,
-              previous: float | None, target: float) -> tuple[float, dict, dict, list[str]]:
+              previous: float | None, target: float,
+              rules: GateRules = DEFAULT_RULES) -> tuple[float, dict, dict, list[str]]:
     """Classify SITE/<class>/* with `predict` (one uint8 image -> output) and choose the threshold.
+
+    Only what the input gate `rules` accepts is used; a refused file is skipped like a broken one.
 
     Returns:
         (threshold, figures, counts per class, one message per file that was skipped).
@@ -193,7 +197,7 @@ def calibrate(predict, classes: tuple[str, ...], pos: int, spec: Preprocessing, 
     if len(classes) != 2:
         raise XrayEdgeError("calibrate covers two-class (sigmoid) models")
     found = find_site_images(site, classes)
-    images, ok, errors = load_images(found.paths, spec)
+    images, ok, errors = load_images(found.paths, spec, load=loader(rules))
     y = found.labels[ok]
     counts = {c: int((y == i).sum()) for i, c in enumerate(classes)}
     short = [f"{c}: {n}" for c, n in counts.items() if n < MIN_PER_CLASS]
@@ -206,13 +210,14 @@ def calibrate(predict, classes: tuple[str, ...], pos: int, spec: Preprocessing, 
     return thr, figures, counts, errors
 
 
-def calibrate_model(loaded, site: Path, target: float) -> tuple[SiteCalibration, list[str]]:
+def calibrate_model(loaded, site: Path, target: float,
+                    rules: GateRules = DEFAULT_RULES) -> tuple[SiteCalibration, list[str]]:
     """`calibrate` with a model from `xray_edge.model.open_model`; the record for its folder."""
     info = loaded.info
     manifest = loaded.resolved.manifest
     pos = positive_index(info.labels, manifest.positive_class if manifest else None)
     thr, figures, counts, errors = calibrate(loaded.backend.predict, info.labels, pos,
-                                             info.preprocessing, site, info.threshold, target)
+                                             info.preprocessing, site, info.threshold, target, rules)
     rec = SiteCalibration(
         model_file=loaded.path.name, model_sha256=loaded.sha256, threshold=thr,
         previous_threshold=info.threshold,

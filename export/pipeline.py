@@ -27,6 +27,7 @@ import numpy as np
 from xray_edge import __version__
 from xray_edge.errors import XrayEdgeError, first_line
 from xray_edge.files import sha256_file
+from xray_edge.gate import rules_for_films
 from xray_edge.manifest import FileEntry, Manifest
 from xray_edge.metadata import ModelInfo, read_keras_metadata
 from xray_edge.preprocess import Preprocessing, load_images
@@ -141,6 +142,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         seconds = {name[len("convert "):]: t for name, t in steps.timings.items() if name.startswith("convert ")}
         results, files = _results_and_files(formats, proven, seconds)
         manifest = _manifest(cfg, src, files, results, len(cal_images), len(par_images), sets.source)
+        # the input gate, with the statistics of the films the model came from (issue 23)
+        manifest = replace(manifest, input_gate=rules_for_films(par_images))
         _publish(stage, manifest, results, cfg.out, steps, log)
     steps.timings["total"] = time.perf_counter() - steps.start
     return ExportResult(manifest, results, steps.timings, remedy(results, cfg))

@@ -44,6 +44,13 @@ def write_dicom(path: Path, pixels: np.ndarray | None, photometric="MONOCHROME2"
     return path
 
 
+def film(seed: int = 0) -> np.ndarray:
+    """12-bit pixels of a phantom chest film (train/phantom.py): what the input gate accepts."""
+    from xray_edge.train.phantom import phantom_image
+
+    return phantom_image(np.random.default_rng(seed), False).astype(np.uint16) * 16
+
+
 def ramp(h=256, w=256, top=4095) -> np.ndarray:
     return np.tile(np.linspace(0, top, w).astype(np.uint16), (h, 1))
 
@@ -147,3 +154,35 @@ def test_deflated_dicom_bomb_is_refused_before_inflating(tmp_path):
     assert p.stat().st_size < 1_000_000
     with pytest.raises(ImageError, match="decompression bomb|over the .* limit"):
         load_image(p)
+
+
+# The transfer syntaxes radiography departments send, decoded through the [dicom] extra's plugins
+# and compared with the same image stored uncompressed (pydicom's own test files).
+@pytest.mark.parametrize("name, reference", [
+    ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb_rle.dcm"),  # JPEG Lossless SV1 (1.2.840.10008.1.2.4.70)
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),  # JPEG-LS Lossless
+    ("MR_small_jp2klossless.dcm", "MR_small.dcm"),  # JPEG 2000 Lossless
+    ("MR_small_RLE.dcm", "MR_small.dcm"),  # RLE Lossless
+])
+def test_compressed_syntaxes_of_the_dicom_extra_decode_losslessly(name, reference):
+    from pydicom.data import get_testdata_file
+
+    from xray_edge.dicom import read_dicom
+
+    path, ref = get_testdata_file(name), get_testdata_file(reference)
+    if path is None or ref is None:
+        pytest.skip(f"pydicom test file {name} or {reference} is not here")
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
+    a, b = read_dicom(Path(path)), read_dicom(Path(ref))
+    assert a.shape == b.shape and a.std() > 10
+    np.testing.assert_array_equal(a, b)
+
+
+def test_jpeg2000_lossy_decodes():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("JPEG2000.dcm")  # JPEG 2000 (lossy allowed), 1024 x 256 NM
+    if path is None:
+        pytest.skip("pydicom test file JPEG2000.dcm is not here")
+    x = load_image(path)
+    assert x.shape == (200, 200, 3) and x.std() > 5

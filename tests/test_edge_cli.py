@@ -135,9 +135,9 @@ def test_every_bad_input_is_one_line_and_the_rest_are_classified(tiny_artifacts,
 
 def test_dicom_classifies(tiny_artifacts, tmp_path):
     pytest.importorskip("pydicom")
-    from test_dicom import ramp, write_dicom
+    from test_dicom import film, write_dicom
 
-    p = write_dicom(tmp_path / "scan.dcm", ramp())
+    p = write_dicom(tmp_path / "scan.dcm", film())
     r = run_cli("classify", "-m", tiny_artifacts, p)
     assert r.returncode == 0, r.stderr
     r = run_cli("classify", "-m", tiny_artifacts, write_dicom(tmp_path / "nopix.dcm", None))

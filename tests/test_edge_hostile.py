@@ -161,9 +161,13 @@ def test_float64_onnx_input_is_fed_float64(tmp_path, good):
 
 
 def test_non_finite_model_output_is_an_error_not_an_answer(tmp_path, good):
-    bright = tmp_path / "bright.png"
-    Image.fromarray(np.full((64, 64), 250, np.uint8)).save(bright)
-    model = onnx_model(tmp_path / "m.onnx", nan_above=200)  # NaN for images brighter than 200
+    from xray_edge.preprocess import load_image
+
+    bright = tmp_path / "bright.png"  # a brighter film (the input gate refuses a flat bright square)
+    film = np.asarray(Image.open(good[0]).convert("L"), np.float32)
+    Image.fromarray(np.clip(film * 0.6 + 102, 0, 255).astype(np.uint8)).save(bright)
+    limit = (max(load_image(p).mean() for p in good) + load_image(bright).mean()) / 2
+    model = onnx_model(tmp_path / "m.onnx", nan_above=limit)  # NaN for images brighter than that
     r = run_cli("classify", "-m", model, "--json", good[0], bright, good[1])
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     rows = [_strict_json(l) for l in _results(r)]
@@ -271,10 +275,10 @@ def test_progress_bar_on_a_terminal_only(tiny_artifacts, phantom_data):
 
 def test_suffixless_dicom_in_a_folder_is_found(tiny_artifacts, tmp_path):
     pytest.importorskip("pydicom")
-    from test_dicom import ramp, write_dicom
+    from test_dicom import film, write_dicom
 
-    write_dicom(tmp_path / "IMG0001", ramp())
-    write_dicom(tmp_path / "1.2.840.113619.2.55", ramp())
+    write_dicom(tmp_path / "IMG0001", film())
+    write_dicom(tmp_path / "1.2.840.113619.2.55", film())
     (tmp_path / "NOTES").write_text("not an image")
     r = run_cli("classify", "-m", tiny_artifacts, tmp_path)
     assert r.returncode == 0, r.stderr

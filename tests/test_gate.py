@@ -1,0 +1,287 @@
+"""The input gate: only chest radiographs get a label, in classify, calibrate, explain and the library.
+
+Real files: pydicom's own test data (MR, CT, secondary captures, multi-frame), DICOM files written
+here with the header of a radiograph, images generated here (phantom films as `make train` draws
+them, blank, noise, a page of text, colour) and, where present, the shared real films.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import run_cli
+from xray_edge.errors import ImageError
+from xray_edge.gate import (DEFAULT_RULES, GateRules, NotChestRadiograph, check_header, check_input,
+                            image_statistics, load_checked, reference_ranges, unlike_training)
+from xray_edge.train.phantom import phantom_image
+
+
+def phantom_png(path: Path, seed: int = 0, opacities: bool = False) -> Path:
+    Image.fromarray(phantom_image(np.random.default_rng(seed), opacities)).save(path)
+    return path
+
+
+def text_page(path: Path) -> Path:
+    page = Image.new("L", (620, 877), 250)
+    draw = ImageDraw.Draw(page)
+    for i, y in enumerate(range(30, 850, 16)):
+        draw.text((30, y), f"line {i}: chest radiograph report, findings and impression", fill=20)
+    page.save(path)
+    return path
+
+
+def pydicom_file(name: str) -> Path:
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    f = get_testdata_file(name)
+    if f is None:
+        pytest.skip(f"pydicom test file {name} is not here")
+    return Path(f)
+
+
+def chest_dicom(path: Path, seed: int = 0, **tags) -> Path:
+    """A DX file with a phantom film's pixels (12-bit) and the given header tags."""
+    pytest.importorskip("pydicom")
+    from test_dicom import write_dicom
+
+    pixels = phantom_image(np.random.default_rng(seed), False).astype(np.uint16) * 16
+    p = write_dicom(path, pixels)
+    if tags:
+        import pydicom
+
+        ds = pydicom.dcmread(p)
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        ds.save_as(p)
+    return p
+
+
+# --------------------------------------------------------------------------- DICOM rules
+@pytest.mark.parametrize("name, rule, words", [
+    ("MR_small.dcm", "modality", "Modality MR"),
+    ("CT_small.dcm", "modality", "Modality CT"),
+    ("SC_rgb_rle.dcm", "modality", "Modality OT"),
+    ("examples_ybr_color.dcm", "modality", "Modality US"),
+])
+def test_pydicom_files_of_other_modalities_are_refused_by_name(name, rule, words):
+    decision, image = check_input(pydicom_file(name))
+    assert not decision.accepted and image is None
+    assert decision.rule == rule
+    assert decision.reason == f"not a chest radiograph: {words}"
+
+
+def test_header_rules_refuse_before_any_pixel_is_read(tmp_path):
+    # an MR whose pixel data is cut short: a decision, not a decoding error
+    data = pydicom_file("MR_small.dcm").read_bytes()
+    cut = tmp_path / "mr_cut.dcm"
+    cut.write_bytes(data[: len(data) - 4000])
+    with pytest.raises(ImageError):
+        from xray_edge.preprocess import load_image
+
+        load_image(cut)
+    decision, _ = check_input(cut)
+    assert decision.rule == "modality"
+
+
+@pytest.mark.parametrize("tags, rule", [
+    ({"BodyPartExamined": "HAND"}, "body_part"),
+    ({"ViewPosition": "LL"}, "view"),
+    ({"NumberOfFrames": "2"}, "single_frame"),
+    ({"ImageType": ["DERIVED", "SECONDARY"]}, "secondary_capture"),
+    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "secondary_capture"),
+    ({"ConversionType": "WSD"}, "secondary_capture"),
+    ({"Modality": "MR"}, "modality"),
+])
+def test_radiograph_header_rules(tmp_path, tags, rule):
+    decision, _ = check_input(chest_dicom(tmp_path / "x.dcm", **tags))
+    assert not decision.accepted and decision.rule == rule, decision
+
+
+@pytest.mark.parametrize("tags", [{}, {"BodyPartExamined": "CHEST", "ViewPosition": "PA"},
+                                  {"BodyPartExamined": "chest", "ViewPosition": "AP", "Modality": "CR"}])
+def test_chest_radiograph_dicom_is_accepted(tmp_path, tags):
+    decision, image = check_input(chest_dicom(tmp_path / "x.dcm", **tags))
+    assert decision.accepted, decision.reason
+    assert image.shape == (200, 200, 3)
+
+
+def test_a_malformed_gate_in_the_manifest_is_refused_before_any_image():
+    from xray_edge.manifest import Manifest
+
+    base = {"schema": 1, "labels": ["COVID19", "NORMAL"], "threshold": 0.5, "files": {},
+            "input": {"preprocessing": {}}}
+    assert Manifest.from_dict(base).input_gate == {}
+    assert Manifest.from_dict({**base, "input_gate": {"modalities": ["DX"]}}).input_gate == {"modalities": ["DX"]}
+    with pytest.raises(ValueError, match="min_contrast"):
+        Manifest.from_dict({**base, "input_gate": {"min_contrast": None}})
+
+
+def test_rules_are_data_with_defaults_and_widen_only_on_purpose():
+    assert GateRules.from_dict({}) == DEFAULT_RULES == GateRules.from_dict(None)
+    rules = GateRules.from_dict(DEFAULT_RULES.to_dict())
+    assert rules == DEFAULT_RULES
+    assert GateRules.from_dict({"modalities": ["cr"]}).modalities == ("CR",)
+    with pytest.raises(ValueError, match="modalities"):
+        GateRules.from_dict({"modalities": "CR"})
+    with pytest.raises(ValueError, match="max_colour"):
+        GateRules.from_dict({"max_colour": "high"})
+    header = {"Modality": "MR"}
+    assert check_header(header)[0] == "modality"
+    assert check_header(header, DEFAULT_RULES.accepting(modalities=["mr"])) is None
+    assert check_header({"Modality": "DX", "BodyPartExamined": "KNEE"},
+                        DEFAULT_RULES.accepting(body_parts=["knee"])) is None
+
+
+# --------------------------------------------------------------------------- image statistics
+def test_phantoms_of_make_train_are_accepted(tmp_path):
+    for seed in range(6):
+        decision, _ = check_input(phantom_png(tmp_path / f"p{seed}.png", seed, bool(seed % 2)))
+        assert decision.accepted, decision.reason
+
+
+def _colour_noise(p):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), np.uint8)).save(p)
+
+
+def _grey_noise(p):
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 300), np.uint8)).save(p)
+
+
+def _black(p):
+    Image.new("L", (300, 300), 0).save(p)
+
+
+def _red_square(p):
+    a = np.zeros((300, 300, 3), np.uint8)
+    a[100:200, 100:200, 0] = 255
+    Image.fromarray(a).save(p)
+
+
+def _gradient(p):
+    Image.fromarray(np.tile(np.linspace(0, 255, 300).astype(np.uint8), (300, 1))).save(p)
+
+
+def _heat_map_over_film(p):
+    film = np.repeat(phantom_image(np.random.default_rng(3), False)[..., None], 3, axis=2).astype(float)
+    heat = np.zeros_like(film)
+    heat[..., 0] = np.linspace(0, 255, film.shape[1])[None, :]
+    heat[..., 2] = 255 - heat[..., 0]
+    Image.fromarray((0.6 * film + 0.4 * heat).astype(np.uint8)).save(p)
+
+
+@pytest.mark.parametrize("make, rule", [
+    (_black, "contrast"), (_colour_noise, "colour"), (_grey_noise, "roughness"),
+    (_red_square, "colour"), (_gradient, "roughness"), (_heat_map_over_film, "colour"),
+    (text_page, "roughness"),
+])
+def test_images_that_are_not_radiographs_are_refused(tmp_path, make, rule):
+    p = tmp_path / f"{make.__name__}.png"
+    make(p)
+    decision, image = check_input(p)
+    assert not decision.accepted and image is None
+    assert decision.rule == rule, decision.reason
+    with pytest.raises(NotChestRadiograph, match="not a chest radiograph"):
+        load_checked(p)
+
+
+def test_real_films_are_accepted(shared_data):
+    films = sorted(p for p in Path(shared_data).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    refused = [p.name for p in films if not check_input(p)[0].accepted]
+    assert films and len(refused) <= 0.01 * len(films), refused
+
+
+def test_unlike_training_flags_films_outside_the_reference(tmp_path):
+    films = [phantom_image(np.random.default_rng(s), False) for s in range(20)]
+    ref = reference_ranges([np.repeat(f[..., None], 3, axis=2) for f in films])
+    rules = GateRules(reference=ref)
+    same = np.repeat(phantom_image(np.random.default_rng(99), False)[..., None], 3, axis=2)
+    assert len(unlike_training(image_statistics(same), rules)) <= 1  # 1st-99th percentiles of 20 films
+    low = (same.astype(np.float32) * 0.45 + 60).astype(np.uint8)  # washed-out film, another scanner
+    flags = unlike_training(image_statistics(low), rules)
+    assert "contrast" in flags
+    assert unlike_training(image_statistics(low), DEFAULT_RULES) == ()  # no reference: no flag
+
+
+# --------------------------------------------------------------------------- the commands
+@pytest.fixture
+def mixed(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    good = phantom_png(d / "film.png")
+    mr = d / "mr.dcm"
+    mr.write_bytes(pydicom_file("MR_small.dcm").read_bytes())
+    page = text_page(d / "page.png")
+    return good, mr, page
+
+
+def test_classify_refuses_with_the_rule_and_goes_on(tiny_artifacts, mixed):
+    good, mr, page = mixed
+    r = run_cli("classify", "-m", tiny_artifacts, mr, good, page)
+    assert r.returncode == 1
+    assert f"refused: {mr}: not a chest radiograph: Modality MR" in r.stderr
+    assert f"refused: {page}: not a chest radiograph: noise or fine texture" in r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{good}\t")
+    r = run_cli("classify", "--json", "-m", tiny_artifacts, mr, good)
+    recs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert recs[0] == {"path": str(mr), "status": "refused", "rule": "modality",
+                       "refused": "not a chest radiograph: Modality MR"}
+    assert "label" in recs[1] and "error" not in recs[1] and "contrast" not in recs[1]["unlike_training"]
+
+
+def test_a_film_unlike_the_training_films_is_labelled_and_flagged(tiny_artifacts, tmp_path):
+    film = phantom_image(np.random.default_rng(5), False).astype(np.float32)
+    washed = tmp_path / "washed.png"  # another scanner: the same anatomy at under half the contrast
+    Image.fromarray((film * 0.45 + 70).astype(np.uint8)).save(washed)
+    r = run_cli("classify", "--json", "-m", tiny_artifacts, washed)
+    rec = json.loads(r.stdout)
+    assert r.returncode == 0 and "label" in rec
+    assert "contrast" in rec["unlike_training"]
+
+
+def test_accept_modality_widens_the_gate_with_a_warning(tiny_artifacts, mixed):
+    _, mr, _ = mixed
+    r = run_cli("classify", "--accept-modality", "MR", "-m", tiny_artifacts, mr)
+    assert "warning: input gate widened on request: also accepting Modality MR" in r.stderr
+    assert "Modality MR" not in r.stderr.split("\n", 2)[-1]  # past the header rule ...
+    assert "not a chest radiograph" in r.stderr  # ... the head slice still fails the image statistics
+
+
+def test_explain_refuses(tiny_artifacts, mixed, tmp_path):
+    good, mr, _ = mixed
+    out = tmp_path / "ex"
+    r = run_cli("explain", "-m", tiny_artifacts, "--out", out, "--grid", "2", mr, good)
+    assert r.returncode == 1
+    assert f"refused: {mr}: not a chest radiograph: Modality MR" in r.stderr
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_calibrate_skips_refused_files(tiny_artifacts, tmp_path):
+    site = tmp_path / "site"
+    for k, cls in enumerate(("COVID19", "NORMAL")):
+        (site / cls).mkdir(parents=True)
+        for i in range(10):
+            phantom_png(site / cls / f"{i}.png", seed=100 * k + i, opacities=cls == "COVID19")
+    (site / "NORMAL" / "mr.dcm").write_bytes(pydicom_file("MR_small.dcm").read_bytes())
+    art = Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))  # site.json goes there
+    r = run_cli("calibrate", "-m", art, "--data", site, "--json")
+    assert f"refused: {site / 'NORMAL' / 'mr.dcm'}: not a chest radiograph: Modality MR (skipped)" in r.stderr
+    assert json.loads(r.stdout)["counts"] == {"COVID19": 10, "NORMAL": 10}
+
+
+def test_info_shows_the_rules(tiny_artifacts):
+    r = run_cli("info", tiny_artifacts, "--json")
+    gate = json.loads(r.stdout)["input_gate"]
+    assert gate["modalities"] == list(DEFAULT_RULES.modalities)
+    # export recorded the statistics of the phantom films the model was made from
+    assert gate["source"] == "model" and gate["reference"]["images"] > 0
+    lo, hi = gate["reference"]["ranges"]["contrast"]
+    assert 20 < lo < hi < 80
