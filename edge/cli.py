@@ -466,12 +466,18 @@ def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_wi
     from xray_edge import site
     from xray_edge.model import open_model
 
+    from xray_edge.files import check_writable
+
     with tool_errors():
         loaded = open_model(model, file_name, backend, threads or os.cpu_count())
+        check_writable(loaded.path.parent / site.SITE_NAME)  # before the site's images are read
         rec, errors = site.calibrate_model(loaded, site_dir, target_sensitivity)
+        path = rec.write(loaded.path.parent)
     for e in errors:
         click.echo(f"error: {e} (skipped)", err=True)
-    path = rec.write(loaded.path.parent)
+    if rec.ignored:
+        click.echo(f"warning: ignored folders of {site_dir} (no class of the model): "
+                   f"{', '.join(rec.ignored)}; the classes are {', '.join(loaded.info.labels)}", err=True)
     if as_json:
         click.echo(json.dumps(rec.to_dict(), indent=2))
     else:
@@ -512,32 +518,24 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
     """
     from xray_edge import explain as ex
     from xray_edge.inputs import expand_inputs, read_paths
-    from xray_edge.preprocess import load_image
+    from xray_edge.output import Printer
 
     with tool_errors():
         clf, loaded, _ = _open_classifier(model, file_name, backend, threads, threshold)
-    occ = ex.Occlusion(grid=grid, patch=patch)
+        ex.check_out_dir(out_dir)  # a file in the way or a read-only folder: before any work
     stdin = read_paths(click.get_binary_stream("stdin")) if "-" in inputs else ()
-    failed, used = 0, set()
-    for item in expand_inputs(inputs, stdin):
-        try:
+    done = ex.explain_paths(expand_inputs(inputs, stdin), clf.backend.predict, clf.info, clf.threshold,
+                            out_dir, ex.Occlusion(grid=grid, patch=patch), max_side)
+    extra = {"model": os.fsdecode(loaded.path), "threshold": clf.threshold}
+    out = Printer(as_json)
+    with out:
+        for item in done:
             if isinstance(item, ImageError):
-                raise item
-            image = load_image(item, clf.info.preprocessing)
-            result = ex.explain_image(image, clf.backend.predict, clf.info.labels, clf.threshold, occ)
-            pic, caption = ex.picture(item, result, max_side)
-            path = ex.write_png(pic, out_dir / ex.out_name(Path(item), used), caption, result)
-        except ImageError as err:
-            failed += 1
-            click.echo(f"error: {err}", err=True)
-            continue
-        if as_json:
-            click.echo(json.dumps({"path": str(item), "png": str(path), **result.to_dict(),
-                                   "model": str(loaded.path), "threshold": clf.threshold}))
-        else:
-            click.echo(f"{item}\t{result.label}\t{result.probability:.3f}\t{path}")
-    sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
-
+                out.error(item.path, item.reason)
+            else:
+                r = item.explanation
+                out.record(f"{item.path}\t{r.label}\t{r.probability:.3f}\t{item.png}", {**item.to_dict(), **extra})
+    sys.exit(EXIT_SOME_FAILED if out.failed else EXIT_OK)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
