@@ -184,3 +184,124 @@ def test_deep_training_json_is_one_line(tmp_path):
     os.mkfifo(tmp_path / "training.json")
     with pytest.raises(XrayEdgeError, match="FIFO"):
         TrainingRecord.read(tmp_path)
+
+
+# ---------------------------------------------------------------- writes that fail
+def _grey(path: Path, value: int, size=(220, 260)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size[::-1], value, np.uint8)).save(path)
+    return path
+
+
+def _site(root: Path, separable: bool = True, extra: str | None = None) -> Path:
+    """SITE/<class>/*: the tiny model's P(NORMAL) is the sigmoid of the mean grey, so darker
+    COVID19 films rank below NORMAL ones (ROC AUC 1), or alike in both classes (ROC AUC 0.5)."""
+    for i in range(12):
+        _grey(root / "COVID19" / f"c{i}.png", i % 3 if separable else i % 6)
+        _grey(root / "NORMAL" / f"n{i}.png", 3 + i % 3 if separable else i % 6)
+    if extra:
+        _grey(root / extra / "x.png", 1)
+    return root
+
+
+def test_calibrate_where_site_json_cannot_be_written_is_one_line_before_any_work(model, tmp_path):
+    site = _site(tmp_path / "site")
+    (model.parent / "site.json").mkdir()
+    msg = one_line_exit_2(cli("calibrate", "-m", model, "--data", site))
+    assert "site.json" in msg and "folder" in msg, msg
+    assert "site images" not in msg
+
+
+def _nobody(shared_tmp: Path, args: list) -> subprocess.CompletedProcess:
+    """As the unprivileged user, with a home it can write (onnxruntime keeps an id there, and
+    says so on stderr when it cannot)."""
+    home = shared_tmp / "home"
+    home.mkdir(exist_ok=True)
+    home.chmod(0o777)
+    return run_as_nobody(args, env={**os.environ, "HOME": str(home)})
+
+
+def test_calibrate_in_a_read_only_folder_is_one_line(shared_tmp):
+    # root writes anywhere: the unprivileged user meets the read-only folder
+    folder = shared_tmp / "model"
+    folder.mkdir(mode=0o755)
+    model = onnx_model(folder / "tiny.onnx")
+    model.chmod(0o644)
+    site = _site(shared_tmp / "site")
+    for p in site.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    msg = one_line_exit_2(_nobody(shared_tmp, ["calibrate", "-m", model, "--data", site]))
+    assert "site.json" in msg and "Permission denied" in msg, msg
+    assert not (folder / "site.json").exists()
+
+
+def test_calibrate_warns_of_extra_folders_and_refuses_a_site_it_cannot_rank(model, tmp_path):
+    site = _site(tmp_path / "site", extra="PNEUMONIA")
+    r = cli("calibrate", "-m", model, "--data", site)
+    assert r.returncode == 0, r.stderr
+    assert "warning: ignored folders" in r.stderr and "PNEUMONIA" in r.stderr
+    assert json.loads((model.parent / "site.json").read_text())["ignored"] == ["PNEUMONIA"]
+    (model.parent / "site.json").unlink()
+    flat = _site(tmp_path / "flat", separable=False)
+    msg = one_line_exit_2(cli("calibrate", "-m", model, "--data", flat))
+    assert "ROC AUC 0.50" in msg and not (model.parent / "site.json").exists()
+
+
+def test_explain_out_under_a_file_is_one_line_exit_2(model, scan, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    msg = one_line_exit_2(cli("explain", "-m", model, scan, "--out", tmp_path / "afile" / "sub"))
+    assert "cannot write" in msg
+
+
+def test_explain_in_a_read_only_folder_is_one_line(shared_tmp, scan):
+    model = onnx_model(shared_tmp / "tiny.onnx")
+    model.chmod(0o644)
+    img = shutil.copy(scan, shared_tmp / "scan.png")
+    os.chmod(img, 0o644)
+    (shared_tmp / "out").mkdir(mode=0o755)
+    msg = one_line_exit_2(_nobody(shared_tmp, ["explain", "-m", model, img, "--out", shared_tmp / "out"]))
+    assert "Permission denied" in msg
+
+
+def test_explain_of_a_long_name_fits_the_file_system_and_the_next_input_goes_on(model, scan, tmp_path):
+    long = shutil.copy(scan, tmp_path / ("n" * 250 + ".png"))  # a valid name: 254 bytes
+    r = cli("explain", "-m", model, long, scan, "--out", tmp_path / "out", "--grid", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [Path(x["path"]).name for x in rows] == [long.name, "scan.png"]
+    assert all(Path(x["png"]).is_file() and len(Path(x["png"]).name) <= 255 for x in rows)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(Path(x["png"]).name for x in rows)
+
+
+# ---------------------------------------------------------------- JSON and exit codes
+def _strict(line: str):
+    return json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
+def test_explain_of_a_uniform_image_has_no_nan(model, tmp_path):
+    flat = _grey(tmp_path / "flat.png", 100)
+    r = cli("explain", "-m", model, flat, "--out", tmp_path / "out", "--grid", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    d = _strict(r.stdout)
+    assert d["frame_share"] is None and "no patch" in d["frame_share_note"]
+    with Image.open(d["png"]) as im:
+        text = dict(im.text)
+    assert _strict(text["xray_edge_explain"])["frame_share"] is None
+    assert "nan" not in text["caption"].lower() and "frame share n/a" in text["caption"]
+
+
+def test_explain_json_has_a_record_for_a_failed_input(model, scan, tmp_path):
+    r = cli("explain", "-m", model, tmp_path / "missing.png", scan, "--out", tmp_path / "out",
+            "--grid", "2", "--json")
+    assert r.returncode == 1
+    rows = [_strict(l) for l in r.stdout.splitlines()]
+    assert "no such file" in rows[0]["error"] and rows[1]["label"]
+    assert len(errors(r)) == 1
+
+
+def test_explain_into_a_closed_pipe_exits_0_like_classify(model, scan, tmp_path):
+    cmd = (f"{sys.executable} -m xray_edge.cli explain -m '{model}' --grid 2 --out '{tmp_path / 'out'}' "
+           + " ".join(f"'{scan}'" for _ in range(60)) + " | head -n 1; echo \"rc=${PIPESTATUS[0]}\"")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert "rc=0" in r.stdout and r.stdout.count("\t") == 3, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
