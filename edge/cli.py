@@ -6,6 +6,7 @@ import neither TensorFlow nor Keras; `train` and `export` import them when they 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -140,11 +141,14 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
                           cache_dir=cache_dir or _default_cache_dir(), precision=precision,
                           devices=devices, visible_gpus=tuple(gpus),
                           # Keras redraws its bar many times a step: one line per epoch in logs
-                          verbose=1 if sys.stdout.isatty() else 2)
-        result = run_train(cfg, log=_log_line, progress=_ProgressBars())
+                          verbose=1 if sys.stderr.isatty() else 2)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras' progress: stdout is for results
+            result = run_train(cfg, log=_log_line, progress=_ProgressBars())
     m = result.metrics
     if as_json:
-        click.echo(json.dumps(m, indent=2))
+        from xray_edge.files import dumps
+
+        click.echo(dumps(m, indent=2))  # an undefined figure (one class in the test split) is null
         return
     rec = result.record
     click.echo(f"\nsaved {result.model_path} (best epoch {rec.best_epoch} of {rec.epochs_run}; "
@@ -434,7 +438,9 @@ def bench(model, file_name, backend, runs, image, threads, as_json):
 def _print_fields(d: dict, as_json: bool) -> None:
     """One `name  value` line per field, or the dict as JSON."""
     if as_json:
-        click.echo(json.dumps(d, indent=2))
+        from xray_edge.files import dumps
+
+        click.echo(dumps(d, indent=2))
         return
     width = max(map(len, d)) + 2
     for k, v in d.items():
@@ -479,7 +485,9 @@ def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_wi
         click.echo(f"warning: ignored folders of {site_dir} (no class of the model): "
                    f"{', '.join(rec.ignored)}; the classes are {', '.join(loaded.info.labels)}", err=True)
     if as_json:
-        click.echo(json.dumps(rec.to_dict(), indent=2))
+        from xray_edge.files import dumps
+
+        click.echo(dumps(rec.to_dict(), indent=2))
     else:
         click.echo(site.summary(rec))
         click.echo(f"wrote {path} (for {rec.model_file}, sha256 {rec.model_sha256[:12]}...)")

@@ -172,7 +172,29 @@ def _umask() -> int:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON (a NaN or infinity is written as null: see `json_safe`), atomically."""
+    return atomic_write_bytes(path, (dumps(obj, indent=2) + "\n").encode())
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float (NaN, an undefined ROC AUC or rate) replaced by None,
+    and numpy scalars and arrays as plain values: what strict JSON readers accept."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    """`json.dumps` of `json_safe(obj)`, refusing anything that would still not be JSON."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def check_schema(d, version: int, required: bool = True) -> dict:

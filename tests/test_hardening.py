@@ -305,3 +305,86 @@ def test_explain_into_a_closed_pipe_exits_0_like_classify(model, scan, tmp_path)
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
     assert "rc=0" in r.stdout and r.stdout.count("\t") == 3, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- concurrent trainings, one cache
+DECODE = """
+import sys
+from pathlib import Path
+from xray_edge.preprocess import Preprocessing
+from xray_edge.train.cache import decode_to_store
+
+paths = sorted(Path(sys.argv[1]).glob("*.png"))
+d = decode_to_store(paths, Preprocessing(size=24), Path(sys.argv[2]), workers=1, log=print)
+print("rows", len(d.ok))
+"""
+
+
+def _pngs(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(1, 256, (40, 50), np.uint8)).save(folder / f"i{i:03d}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def _decode_proc(images: Path, cache: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DECODE, str(images), str(cache)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_decode_of_the_same_images_waits_for_the_first(tmp_path):
+    import fcntl
+
+    from xray_edge.preprocess import Preprocessing, load_image
+    from xray_edge.train.cache import cache_key
+
+    paths = _pngs(tmp_path / "img", 20)
+    spec = Preprocessing(size=24)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = cache / f"{cache_key(paths, spec)}.lock"
+    with open(lock, "w") as held:  # this test plays the first training, mid-decode
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = _decode_proc(tmp_path / "img", cache)
+        line = proc.stdout.readline()
+        assert "waiting for another training" in line, (line, proc.stderr.read() if proc.poll() else "")
+        assert proc.poll() is None
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and "rows 20" in out, err
+
+
+def test_two_trainings_decoding_together_both_succeed_with_every_row(tmp_path):
+    from xray_edge.preprocess import Preprocessing, load_image
+    from xray_edge.train.cache import decode_to_store
+
+    paths = _pngs(tmp_path / "img", 150)
+    cache = tmp_path / "cache"
+    procs = [_decode_proc(tmp_path / "img", cache) for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=TIMEOUT * 2)
+        assert p.returncode == 0 and "rows 150" in out, err
+    spec = Preprocessing(size=24)
+    d = decode_to_store(paths, spec, cache, workers=1)
+    assert np.array_equal(d.store.read(d.ok), np.stack([load_image(p, spec) for p in paths]))
+    assert not list(cache.glob("*.partial.npy"))
+
+
+def test_a_store_replaced_behind_its_state_is_decoded_again(tmp_path):
+    from xray_edge.preprocess import Preprocessing, load_image
+    from xray_edge.train.cache import decode_to_store
+
+    paths = _pngs(tmp_path / "img", 16)
+    spec = Preprocessing(size=24)
+    first = decode_to_store(paths, spec, tmp_path / "cache", workers=1)
+    final = first.store.path
+    first.store.close()
+    # another file under the final name (what a concurrent writer could leave): all black
+    black = np.lib.format.open_memmap(tmp_path / "black.npy", mode="w+", dtype=np.uint8,
+                                      shape=(16, *spec.shape))
+    del black
+    os.replace(tmp_path / "black.npy", final)
+    lines = []
+    d = decode_to_store(paths, spec, tmp_path / "cache", workers=1, log=lines.append)
+    assert not any("from cache" in s for s in lines)
+    assert np.array_equal(d.store.read(d.ok), np.stack([load_image(p, spec) for p in paths]))
