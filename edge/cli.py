@@ -124,6 +124,9 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
             data = generate_phantoms(Path("data/phantom"), n_train=phantom_size, n_test=max(2, phantom_size // 2))
             click.echo(f"no --data: using synthetic phantoms in {data}", err=True)
         discover(data)  # a bad dataset fails here, in a second, before Keras is even imported
+        from xray_edge.train.outputs import check_out
+
+        check_out(out)  # so does an --out that cannot take the files (not after training)
     gpus = device.visible_gpus()
     chosen = device.choose_backend(None if backend == "auto" else backend, os.environ.get("KERAS_BACKEND"),
                                    gpus, device.jax_cuda_installed())

@@ -388,3 +388,92 @@ def test_a_store_replaced_behind_its_state_is_decoded_again(tmp_path):
     d = decode_to_store(paths, spec, tmp_path / "cache", workers=1, log=lines.append)
     assert not any("from cache" in s for s in lines)
     assert np.array_equal(d.store.read(d.ok), np.stack([load_image(p, spec) for p in paths]))
+
+
+# ---------------------------------------------------------------- training's outputs
+def test_train_out_that_cannot_be_written_is_one_line_before_training(tmp_path, phantom_data):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        r = cli("train", "--data", phantom_data, "--out", out, "--epochs", "1",
+                "--cache-dir", tmp_path / "cache", timeout=300)
+        msg = one_line_exit_2(r)
+        assert "--out" in msg and "generator" not in r.stderr, msg
+        assert not (tmp_path / "cache").exists()  # refused before a single image was decoded
+
+
+def test_train_json_is_only_json_without_nan_on_a_one_class_test_split(tmp_path, phantom_data):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_data, data)
+    shutil.rmtree(data / "test" / "NORMAL")
+    out = tmp_path / "out"
+    r = cli("train", "--data", data, "--out", out, "--epochs", "1", "--json",
+            "--cache-dir", tmp_path / "cache", timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = _strict(r.stdout)  # the whole of stdout is one JSON document: no Keras progress in it
+    assert m["roc_auc"] is None and "one class" in m["roc_auc_note"]
+    assert m["specificity"]["value"] is None and m["sensitivity"]["value"] is not None
+    assert _strict((out / "metrics.json").read_text()) == m
+    _strict((out / "training.json").read_text())
+    assert "Epoch 1/1" in r.stderr or "step" in r.stderr  # the progress went to stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.keras", "history.json", "metrics.json", "training.png", "samples.png", "training.json"])
+
+
+PUBLISH = """
+import os, signal, sys
+from pathlib import Path
+from xray_edge.train.outputs import TrainOutputs
+from xray_edge.training_record import TrainingRecord
+from xray_edge.files import sha256_file
+
+out, kill_at = Path(sys.argv[1]), sys.argv[2]
+
+def before(step):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+staged = TrainOutputs(out, before=before)
+for name in ("model.keras", "history.json", "metrics.json", "training.png", "samples.png"):
+    staged.path(name).write_bytes(b"new " + name.encode())
+record = TrainingRecord(classes=["A", "B"], model_sha256=sha256_file(staged.path("model.keras")))
+staged.publish(record)
+"""
+
+
+def _old_set(out: Path) -> dict[str, bytes]:
+    from xray_edge.files import sha256_file
+
+    out.mkdir()
+    for name in ("model.keras", "history.json", "metrics.json", "training.png", "samples.png", "roc.png",
+                 "manifest.json"):
+        (out / name).write_bytes(b"old " + name.encode())
+    TrainingRecord(classes=["A", "B"], model_sha256=sha256_file(out / "model.keras")).write(out)
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_training_killed_while_publishing_never_leaves_a_mixed_set(tmp_path):
+    steps = ["place model.keras", "place metrics.json", "remove roc.png", "place training.json", "never"]
+    for kill_at in steps:
+        out = tmp_path / kill_at.replace(" ", "_")
+        old = _old_set(out)
+        r = subprocess.run([sys.executable, "-c", PUBLISH, str(out), kill_at], capture_output=True,
+                           text=True, timeout=TIMEOUT)
+        done = kill_at == "never"
+        assert r.returncode == (0 if done else -9), (kill_at, r.stderr)
+        now = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        assert now["manifest.json"] == old["manifest.json"]  # not training's: never touched
+        if done:
+            assert now["model.keras"] == b"new model.keras" and "roc.png" not in now
+            assert TrainingRecord.read(out).model_sha256 is not None
+            assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
+        elif kill_at == "place model.keras":
+            assert now == old  # nothing had moved yet
+        else:  # the new model beside the old record: the record refuses it, never a silent mix
+            with pytest.raises(XrayEdgeError, match="interrupted training"):
+                TrainingRecord.read(out)
+        if not done:
+            from xray_edge.train.outputs import PREFIX, TrainOutputs
+
+            assert list(out.glob(f"{PREFIX}*"))  # the killed run's staging folder, with its files
+            TrainOutputs(out).discard()  # the next run removes it
+            assert not list(out.glob(f"{PREFIX}*"))
