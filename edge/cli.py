@@ -127,7 +127,12 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
         from xray_edge.train.outputs import check_out
 
         check_out(out)  # so does an --out that cannot take the files (not after training)
-    gpus = device.visible_gpus()
+    # nvidia-smi is asked once per run, for a few seconds at most: make train hands on its answer
+    answer = os.environ.get("XRAY_EDGE_SMI_ANSWER")
+    answer = (device.read_answer(Path(answer)) if answer else None) or device.query_gpus()
+    if answer.problem:
+        _log_line(f"warning: {answer.problem}; training without a GPU")
+    gpus = list(answer.gpus)
     chosen = device.choose_backend(None if backend == "auto" else backend, os.environ.get("KERAS_BACKEND"),
                                    gpus, device.jax_cuda_installed())
     if chosen:

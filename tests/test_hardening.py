@@ -477,3 +477,99 @@ def test_training_killed_while_publishing_never_leaves_a_mixed_set(tmp_path):
             assert list(out.glob(f"{PREFIX}*"))  # the killed run's staging folder, with its files
             TrainOutputs(out).discard()  # the next run removes it
             assert not list(out.glob(f"{PREFIX}*"))
+
+
+# ---------------------------------------------------------------- the GPU machine's path (no GPU)
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _smi(folder: Path, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "nvidia-smi"
+    exe.write_text(f"#!/bin/sh\n{body}\n")
+    exe.chmod(0o755)
+    return folder
+
+
+def test_failing_cuda_plugin_is_one_line_with_a_fix_that_is_not_the_same_install(tmp_path):
+    pytest.importorskip("jax")
+    site = tmp_path / "site"
+    plugin = site / "jax_plugins" / "xray_edge_broken_cuda"  # found by JAX's namespace scan
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text(
+        "def initialize():\n"
+        "    raise RuntimeError('libcuda.so.1: cannot open shared object file: No such file or directory')\n")
+    dist = site / "jax_cuda13_plugin-0.7.0.dist-info"  # what pip leaves: "the plugin is installed"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: jax-cuda13-plugin\nVersion: 0.7.0\n")
+    code = ("from xray_edge.train.device import Gpu, training_devices, unused_gpu_warning\n"
+            f"print(unused_gpu_warning([Gpu({H100!r}, '580.65.06')], training_devices(1)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT,
+                       env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "libcuda" not in r.stderr, r.stderr  # said once, below
+    line = r.stdout.strip()
+    assert "\n" not in line and line.startswith("warning:")
+    assert "did not start (RuntimeError: libcuda.so.1: cannot open shared object file" in line, line
+    assert "--force-reinstall 'xray-edge[gpu-cuda13]'" in line and "make train" not in line, line
+
+
+def _make_gpu(tmp_path: Path, smi: Path) -> subprocess.CompletedProcess:
+    """`make` of the GPU step in a stand-in environment: its python is this one, already installed."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    if not (venv / "bin" / "python").exists():
+        (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (venv / "bin" / "python").chmod(0o755)
+        (venv / "bin" / ".installed").touch()
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(["make", "-s", "-C", str(root), f"VENV={venv}", f"{venv}/bin/.gpu"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{smi}{os.pathsep}{os.environ['PATH']}"})
+
+
+def test_gpu_step_is_redone_when_nvidia_smi_answers_otherwise(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    smi = _smi(tmp_path / "bin", f"echo '{H100}, '$(cat {tmp_path}/driver)")
+    stamp = tmp_path / "venv" / "bin" / ".gpu"
+    (tmp_path / "driver").write_text("470.82.01")  # too old for JAX's CUDA wheels: nothing installed
+    r = _make_gpu(tmp_path, smi)
+    assert r.returncode == 0 and "older than JAX's CUDA wheels need" in r.stderr, r.stderr
+    first = stamp.stat().st_mtime_ns
+    r = _make_gpu(tmp_path, smi)
+    assert r.returncode == 0 and r.stderr == "" and stamp.stat().st_mtime_ns == first  # same answer
+    (tmp_path / "driver").write_text("480.10")  # a driver update: the step is done again
+    r = _make_gpu(tmp_path, smi)
+    assert r.returncode == 0 and "480.10" in r.stderr and stamp.stat().st_mtime_ns > first, r.stderr
+
+
+def test_hanging_or_failing_nvidia_smi_is_bounded_and_said_in_one_line(tmp_path):
+    from xray_edge.train.device import SMI_TIMEOUT
+
+    for body, said in (("exec sleep 60", f"did not answer within {SMI_TIMEOUT:g} s"),
+                       ("echo 'NVIDIA-SMI has failed because it could not communicate'; exit 9",
+                        "failed (exit 9): NVIDIA-SMI has failed")):
+        smi = _smi(tmp_path / said.split()[0], body)
+        r = subprocess.run([sys.executable, "-m", "xray_edge.train.device", "--pip-extra"], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "PATH": f"{smi}{os.pathsep}{os.environ['PATH']}"})
+        assert r.returncode == 0 and r.stdout == "", r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("warning:") and said in lines[0], r.stderr
+
+
+def test_nvidia_smi_is_asked_once_per_process(tmp_path, monkeypatch):
+    from xray_edge.train import device
+
+    calls = tmp_path / "calls"
+    smi = _smi(tmp_path / "bin", f"echo x >> {calls}; echo '{H100}, 580.65.06'")
+    monkeypatch.setenv("PATH", str(smi))
+    assert device.visible_gpus() == device.visible_gpus() == [device.Gpu(H100, "580.65.06")]
+    assert device.query_gpus().gpus and calls.read_text().count("x") == 1
+
+
+def test_the_download_size_is_said_before_the_extra_is_installed(tmp_path):
+    smi = _smi(tmp_path / "bin", f"echo '{H100}, 580.65.06'")
+    r = subprocess.run([sys.executable, "-m", "xray_edge.train.device", "--pip-extra"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PATH": f"{smi}{os.pathsep}{os.environ['PATH']}"})
+    assert r.stdout.strip() == "gpu-cuda13" and "about 2.5 GB" in r.stderr
