@@ -573,3 +573,25 @@ def test_the_download_size_is_said_before_the_extra_is_installed(tmp_path):
     r = subprocess.run([sys.executable, "-m", "xray_edge.train.device", "--pip-extra"], capture_output=True,
                        text=True, timeout=60, env={**os.environ, "PATH": f"{smi}{os.pathsep}{os.environ['PATH']}"})
     assert r.stdout.strip() == "gpu-cuda13" and "about 2.5 GB" in r.stderr
+
+
+# ---------------------------------------------------------------- notes of the same pass
+def test_export_of_a_model_whose_outputs_do_not_fit_its_classes_is_one_line(tmp_path, phantom_data):
+    pytest.importorskip("tensorflow")
+    from xray_edge.train.testing import save_with_record, tiny_model
+
+    model = save_with_record(tiny_model(num_classes=3), tmp_path / "art", ["COVID19", "NORMAL"], phantom_data)
+    r = cli("export", "--model", model, "--formats", "float32", timeout=300)
+    msg = [l for l in r.stderr.splitlines() if l.lower().startswith("error")]
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+    assert len(msg) == 1 and "has 3 outputs" in msg[0] and "2 classes" in msg[0], r.stderr
+    assert "tuple index" not in r.stderr and not (tmp_path / "art" / "manifest.json").exists()
+
+
+def test_info_shows_the_threshold_classify_uses(model, tmp_path):
+    site = _site(tmp_path / "site")
+    assert cli("calibrate", "-m", model, "--data", site).returncode == 0
+    d = json.loads(cli("info", model, "--json").stdout)
+    c = json.loads(cli("classify", "-m", model, "--json", site / "NORMAL" / "n0.png").stdout)
+    assert d["threshold"] == c["threshold"] and d["threshold_source"] == c["threshold_source"] == "site.json"
+    assert d["threshold"] != 0.5 and d["model_file_threshold"] == 0.5  # the file's own, for comparison
