@@ -139,7 +139,7 @@ def _resolve(model: str | Path, file_name: str | None = None) -> ResolvedModel:
         manifest = read_manifest(p / MANIFEST_NAME)
         name = file_name or manifest.default or DEFAULT_FILE
         path = p / name
-        if not path.is_file():
+        if not path.exists():  # a FIFO or a folder under that name is refused by its reader, by name
             listed = ", ".join(sorted(manifest.files)) or "none"
             raise ModelError(f"{path}: not found (the manifest lists: {listed})")
         return ResolvedModel(path, manifest, manifest.entry(path))

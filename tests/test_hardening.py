@@ -107,6 +107,14 @@ def test_special_files_among_inputs_are_error_lines_and_the_rest_go_on(tmp_path,
     assert sum("FIFO" in e for e in errs) == 3 and sum("character device" in e for e in errs) == 2
 
 
+def test_fifo_in_an_artifacts_folder_under_the_default_name_is_refused(model, scan):
+    (model.parent / "manifest.json").write_text(json.dumps({
+        "schema": 1, "labels": ["COVID19", "NORMAL"], "threshold": 0.5, "default": "x.onnx",
+        "files": {"x.onnx": {"format": "onnx", "sha256": "0" * 64, "size": 1}}}))
+    os.mkfifo(model.parent / "x.onnx")
+    assert "x.onnx" in (msg := one_line_exit_2(cli("classify", "-m", model.parent, scan))) and "FIFO" in msg
+
+
 def test_symlink_to_an_endless_device_as_model_is_refused(tmp_path, scan):
     link = tmp_path / "model.onnx"
     link.symlink_to("/dev/zero")
@@ -391,6 +399,14 @@ def test_a_store_replaced_behind_its_state_is_decoded_again(tmp_path):
 
 
 # ---------------------------------------------------------------- training's outputs
+def test_an_error_while_the_cache_folder_is_in_use_is_that_error(tmp_path):
+    from xray_edge.train.trainer import _store_folder
+
+    with pytest.raises(OSError, match="disk full"):  # was: generator didn't stop after throw()
+        with _store_folder(tmp_path / "cache", lambda s: None):
+            raise OSError(28, "disk full")
+
+
 def test_train_out_that_cannot_be_written_is_one_line_before_training(tmp_path, phantom_data):
     (tmp_path / "afile").write_text("x")
     for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
