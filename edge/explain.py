@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -25,8 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from xray_edge.classify import decide
-from xray_edge.errors import ImageError, XrayEdgeError, first_line
-from xray_edge.files import NAME_MAX, atomic_write_bytes
+from xray_edge.errors import ImageError, first_line
+from xray_edge.files import atomic_write_bytes, check_folder_writable, fit_name
 from xray_edge.metadata import ModelInfo
 from xray_edge.preprocess import load_display_image, load_image
 
@@ -221,20 +220,12 @@ def out_name(path: Path, used: set[str]) -> str:
     A stem too long for the file system's 255-byte names once the suffix is added is cut (the
     write's temporary name is then cut in its turn, see `atomic_write_bytes`)."""
     stem, n = path.stem, 1
-    name = _fit(stem, ".explain.png")
+    name = fit_name(stem, ".explain.png")
     while name in used:
         n += 1
-        name = _fit(stem, f"-{n}.explain.png")
+        name = fit_name(stem, f"-{n}.explain.png")
     used.add(name)
     return name
-
-
-def _fit(stem: str, suffix: str) -> str:
-    """`stem + suffix`, the stem cut (by whole characters) until the name fits in NAME_MAX bytes."""
-    room = NAME_MAX - len(os.fsencode(suffix))
-    while len(os.fsencode(stem)) > room:
-        stem = stem[:-1]
-    return stem + suffix
 
 
 @dataclass(frozen=True)
@@ -281,11 +272,4 @@ def check_out_dir(out_dir: Path) -> None:
     Raises:
         XrayEdgeError: a file in the way, a read-only folder, ... (one line).
     """
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".xray-edge-probe.", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise XrayEdgeError(f"{out_dir}: cannot write the PNGs there "
-                            f"({exc.strerror or first_line(exc)})") from None
+    check_folder_writable(out_dir)

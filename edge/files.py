@@ -138,31 +138,47 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Prove, before long work, that `atomic_write_bytes(path, ...)` can succeed: the folder can
-    be made and written in (a temporary file is created and removed) and `path` is no folder.
+    """Prove, before long work, that `atomic_write_bytes(path, ...)` can succeed: `path` is no
+    folder, and its folder can be made and written in (see `check_folder_writable`).
 
     Raises:
         XrayEdgeError: in one line, naming the path and the reason.
     """
     path = Path(path)
+    if path.is_dir():
+        raise XrayEdgeError(f"{path}: cannot write (is a folder, not a file)")
+    check_folder_writable(path.parent, path)
+
+
+def check_folder_writable(folder: str | os.PathLike, named: str | os.PathLike | None = None) -> None:
+    """Make `folder` and create and remove a temporary file in it: what a later write needs, as
+    the file system decides (permissions, read-only mounts, a file in the way; root included).
+
+    Raises:
+        XrayEdgeError: in one line, naming `named` (default: the folder) and the reason.
+    """
+    folder = Path(folder)
     try:
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".xray-edge-probe.", suffix=".tmp", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise XrayEdgeError(f"{path}: cannot write ({exc.strerror or first_line(exc)})") from None
+        raise XrayEdgeError(f"{named or folder}: cannot write ({exc.strerror or first_line(exc)})") from None
+
+
+def fit_name(stem: str, suffix: str = "", limit: int = NAME_MAX) -> str:
+    """`stem + suffix`, the stem cut by whole characters until the name's bytes fit in `limit`."""
+    room = limit - len(os.fsencode(suffix))
+    while stem and len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem + suffix
 
 
 def _temp_prefix(name: str) -> str:
-    """`.NAME.`, NAME cut so that the temporary name (8 random characters, `.tmp`) stays within
-    NAME_MAX bytes even when the final name is near it."""
-    room = NAME_MAX - len(".." ".tmp") - 8
-    while len(os.fsencode(name)) > room:
-        name = name[:-1]
-    return f".{name}."
+    """`.NAME.`, cut so that the temporary name (8 random characters and `.tmp` after it) stays
+    within NAME_MAX bytes even when the final name is near it."""
+    return "." + fit_name(name, ".", NAME_MAX - 1 - 8 - len(".tmp"))
 
 
 def _umask() -> int:
