@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from edge_helpers import onnx_model, run_as_nobody, shared_tmp  # noqa: F401 - shared_tmp is a fixture
+from test_edge_hostile import _one_line_exit_2 as one_line_exit_2
 from xray_edge.errors import XrayEdgeError
 from xray_edge.files import MAX_JSON_DEPTH, parse_json, read_regular
 from xray_edge.training_record import TrainingRecord
@@ -33,14 +34,6 @@ def cli(*args, input: str | None = None, env=None, timeout: int = TIMEOUT) -> su
                               text=True, input=input, env={**os.environ, **(env or {})}, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"xray-edge {' '.join(map(str, args))} hung (killed after {timeout} s)")
-
-
-def one_line_exit_2(r) -> str:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr and r.stdout == ""
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def errors(r) -> list[str]:
