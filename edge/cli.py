@@ -478,9 +478,8 @@ def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_wi
     are not changed.
     """
     from xray_edge import site
-    from xray_edge.model import open_model
-
     from xray_edge.files import check_writable
+    from xray_edge.model import open_model
 
     with tool_errors():
         loaded = open_model(model, file_name, backend, threads or os.cpu_count())
@@ -552,6 +551,7 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
                 r = item.explanation
                 out.record(f"{item.path}\t{r.label}\t{r.probability:.3f}\t{item.png}", {**item.to_dict(), **extra})
     sys.exit(EXIT_SOME_FAILED if out.failed else EXIT_OK)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
