@@ -93,7 +93,8 @@ def parse_json(raw: bytes | str, max_depth: int = MAX_JSON_DEPTH, max_bytes: int
         raw = raw.encode("utf-8", "surrogatepass")
     if len(raw) > max_bytes:
         raise ValueError(f"{len(raw):,} bytes of JSON is over the {max_bytes:,}-byte limit")
-    depth = json_depth(raw)
+    # fewer brackets than the limit cannot nest deeper (most records: a few lists, long ones)
+    depth = 0 if raw.count(b"[") + raw.count(b"{") <= max_depth else json_depth(raw)
     if depth > max_depth:
         raise ValueError(f"JSON nested {depth} levels deep (the limit is {max_depth})")
     try:
