@@ -14,7 +14,7 @@ TFLITE_VENV := .venv-tflite
 
 BENCH_IMAGES ?= 20000
 
-.PHONY: help install train export report test pi-test bench bench-train bench-data gate-eval data clean
+.PHONY: FORCE help install train export report test pi-test bench bench-train bench-data gate-eval data clean
 
 help:
 	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline)"
@@ -34,18 +34,28 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# What the GPU step depends on: nvidia-smi's answer (GPU names and driver, or why there is none),
+# asked once per make for at most 5 s and rewritten only when it changes, so a driver update, a
+# GPU appearing or a hung nvidia-smi recovering redoes the step below. Training reads the same
+# answer (XRAY_EDGE_SMI_ANSWER) instead of asking again.
+$(BIN)/.gpu-answer: FORCE $(BIN)/.installed
+	@$(BIN)/python -m xray_edge.train.device --state > $@.new || { rm -f $@.new; exit 1; }; \
+	cmp -s $@.new $@ && rm -f $@.new || mv $@.new $@
+
 # Where nvidia-smi lists a GPU, training gets JAX with the CUDA wheels its driver runs (the CLI
 # then trains with KERAS_BACKEND=jax); without nvidia-smi this installs nothing. A failed
 # install is retried by the next make and leaves training on the CPU meanwhile.
-$(BIN)/.gpu: $(BIN)/.installed
-	@extra=$$($(BIN)/python -m xray_edge.train.device --pip-extra) || exit 1; \
+$(BIN)/.gpu: $(BIN)/.gpu-answer $(BIN)/.installed
+	@extra=$$($(BIN)/python -m xray_edge.train.device --pip-extra --answer $(BIN)/.gpu-answer) || exit 1; \
 	if [ -z "$$extra" ]; then touch $@; \
 	else echo "NVIDIA GPU found: installing xray-edge[$$extra] (JAX with CUDA) for training"; \
 	  if $(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,test,$$extra]"; then touch $@; \
 	  else echo "warning: could not install xray-edge[$$extra]; training runs on the CPU" >&2; fi; fi
 
+FORCE:
+
 train: $(BIN)/.gpu
-	$(BIN)/xray-edge train $(if $(DATA),--data "$(DATA)") --epochs $(EPOCHS) --out "$(OUT)" $(TRAIN_ARGS)
+	XRAY_EDGE_SMI_ANSWER=$(BIN)/.gpu-answer $(BIN)/xray-edge train $(if $(DATA),--data "$(DATA)") --epochs $(EPOCHS) --out "$(OUT)" $(TRAIN_ARGS)
 
 export: $(BIN)/.installed
 	$(BIN)/xray-edge export --model "$(OUT)/model.keras" $(EXPORT_ARGS)

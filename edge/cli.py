@@ -6,6 +6,7 @@ import neither TensorFlow nor Keras; `train` and `export` import them when they 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -145,7 +146,15 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
             data = generate_phantoms(Path("data/phantom"), n_train=phantom_size, n_test=max(2, phantom_size // 2))
             click.echo(f"no --data: using synthetic phantoms in {data}", err=True)
         discover(data)  # a bad dataset fails here, in a second, before Keras is even imported
-    gpus = device.visible_gpus()
+        from xray_edge.train.outputs import check_out
+
+        check_out(out)  # so does an --out that cannot take the files (not after training)
+    # nvidia-smi is asked once per run, for a few seconds at most: make train hands on its answer
+    answer = os.environ.get("XRAY_EDGE_SMI_ANSWER")
+    answer = (device.read_answer(Path(answer)) if answer else None) or device.query_gpus()
+    if answer.problem:
+        _log_line(f"warning: {answer.problem}; training without a GPU")
+    gpus = list(answer.gpus)
     chosen = device.choose_backend(None if backend == "auto" else backend, os.environ.get("KERAS_BACKEND"),
                                    gpus, device.jax_cuda_installed())
     if chosen:
@@ -162,11 +171,14 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
                           cache_dir=cache_dir or _default_cache_dir(), precision=precision,
                           devices=devices, visible_gpus=tuple(gpus),
                           # Keras redraws its bar many times a step: one line per epoch in logs
-                          verbose=1 if sys.stdout.isatty() else 2)
-        result = run_train(cfg, log=_log_line, progress=_ProgressBars())
+                          verbose=1 if sys.stderr.isatty() else 2)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras' progress: stdout is for results
+            result = run_train(cfg, log=_log_line, progress=_ProgressBars())
     m = result.metrics
     if as_json:
-        click.echo(json.dumps(m, indent=2))
+        from xray_edge.files import dumps
+
+        click.echo(dumps(m, indent=2))  # an undefined figure (one class in the test split) is null
         return
     rec = result.record
     click.echo(f"\nsaved {result.model_path} (best epoch {rec.best_epoch} of {rec.epochs_run}; "
@@ -466,7 +478,9 @@ def bench(model, file_name, backend, runs, image, threads, as_json):
 def _print_fields(d: dict, as_json: bool) -> None:
     """One `name  value` line per field, or the dict as JSON."""
     if as_json:
-        click.echo(json.dumps(d, indent=2))
+        from xray_edge.files import dumps
+
+        click.echo(dumps(d, indent=2))
         return
     width = max(map(len, d)) + 2
     for k, v in d.items():
@@ -498,18 +512,25 @@ def calibrate(model, file_name, backend, site_dir, target_sensitivity, max_ci_wi
     are not changed.
     """
     from xray_edge import site
+    from xray_edge.files import check_writable
     from xray_edge.model import open_model
 
     with tool_errors():
         loaded = open_model(model, file_name, backend, threads or os.cpu_count())
         rules = _gate_rules(loaded, accept_modality, accept_body_part, accept_view)
+        check_writable(loaded.path.parent / site.SITE_NAME)  # before the site's images are read
         rec, errors = site.calibrate_model(loaded, site_dir, target_sensitivity, rules)
+        path = rec.write(loaded.path.parent)
     for e in errors:
         # the gate's refusals are decisions, not broken files
         click.echo(f"{'refused' if ': not a chest radiograph: ' in e else 'error'}: {e} (skipped)", err=True)
-    path = rec.write(loaded.path.parent)
+    if rec.ignored:
+        click.echo(f"warning: ignored folders of {site_dir} (no class of the model): "
+                   f"{', '.join(rec.ignored)}; the classes are {', '.join(loaded.info.labels)}", err=True)
     if as_json:
-        click.echo(json.dumps(rec.to_dict(), indent=2))
+        from xray_edge.files import dumps
+
+        click.echo(dumps(rec.to_dict(), indent=2))
     else:
         click.echo(site.summary(rec))
         click.echo(f"wrote {path} (for {rec.model_file}, sha256 {rec.model_sha256[:12]}...)")
@@ -550,32 +571,30 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
     """
     from xray_edge import explain as ex
     from xray_edge.inputs import expand_inputs, read_paths
-    from xray_edge.gate import NotChestRadiograph, load_checked
+    from xray_edge.gate import NotChestRadiograph, loader
+    from xray_edge.output import Printer
 
     with tool_errors():
         clf, loaded, _ = _open_classifier(model, file_name, backend, threads, threshold)
         rules = _gate_rules(loaded, accept_modality, accept_body_part, accept_view)
-    occ = ex.Occlusion(grid=grid, patch=patch)
+        ex.check_out_dir(out_dir)  # a file in the way or a read-only folder: before any work
     stdin = read_paths(click.get_binary_stream("stdin")) if "-" in inputs else ()
-    failed, used = 0, set()
-    for item in expand_inputs(inputs, stdin):
-        try:
+    done = ex.explain_paths(expand_inputs(inputs, stdin), clf.backend.predict, clf.info, clf.threshold,
+                            out_dir, ex.Occlusion(grid=grid, patch=patch), max_side,
+                            load=loader(rules))
+    extra = {"model": os.fsdecode(loaded.path), "threshold": clf.threshold}
+    out = Printer(as_json)
+    with out:
+        for item in done:
             if isinstance(item, ImageError):
-                raise item
-            image, _ = load_checked(item, clf.info.preprocessing, rules)
-            result = ex.explain_image(image, clf.backend.predict, clf.info.labels, clf.threshold, occ)
-            pic, caption = ex.picture(item, result, max_side)
-            path = ex.write_png(pic, out_dir / ex.out_name(Path(item), used), caption, result)
-        except ImageError as err:
-            failed += 1
-            click.echo(f"{'refused' if isinstance(err, NotChestRadiograph) else 'error'}: {err}", err=True)
-            continue
-        if as_json:
-            click.echo(json.dumps({"path": str(item), "png": str(path), **result.to_dict(),
-                                   "model": str(loaded.path), "threshold": clf.threshold}))
-        else:
-            click.echo(f"{item}\t{result.label}\t{result.probability:.3f}\t{path}")
-    sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+                if isinstance(item, NotChestRadiograph):
+                    out.refused(item.path, item.reason, item.rule)
+                else:
+                    out.error(item.path, item.reason)
+            else:
+                r = item.explanation
+                out.record(f"{item.path}\t{r.label}\t{r.probability:.3f}\t{item.png}", {**item.to_dict(), **extra})
+    sys.exit(EXIT_SOME_FAILED if out.failed else EXIT_OK)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from xray_edge.classify import decide
-from xray_edge.files import atomic_write_bytes
+from xray_edge.errors import ImageError, first_line
+from xray_edge.files import atomic_write_bytes, check_folder_writable, fit_name
 from xray_edge.metadata import ModelInfo
-from xray_edge.preprocess import load_display_image
+from xray_edge.preprocess import load_display_image, load_image
 
 FRAME = 0.15  # the outer band of each side where text, markers and borders sit
 
@@ -68,7 +70,7 @@ class Explanation:
         return {"label": self.label, "probability": round(self.probability, 6),
                 "method": "occlusion", "grid_size": self.occlusion.grid, "patch_px": self.occlusion.patch,
                 "input_px": self.pixels.shape[0], "fill": "image mean",
-                "scores": np.round(self.grid, 6).tolist(), "frame_share": frame_share(self.pixels)}
+                "scores": np.round(self.grid, 6).tolist(), **frame_share_record(self.pixels)}
 
 
 def occlusion_scores(image: np.ndarray, score: Callable[[np.ndarray], np.ndarray],
@@ -118,6 +120,17 @@ def frame_share(attribution: np.ndarray, frame: float = FRAME) -> float:
     reads the lungs scores well below that, one that reads corner labels or borders well above.
     """
     return share_inside(attribution, frame_mask(attribution.shape, frame))
+
+
+NO_SHARE = "no patch lowers P(label) when covered (a uniform image, or a model that ignores it)"
+
+
+def frame_share_record(attribution: np.ndarray) -> dict:
+    """{"frame_share": x} for JSON and the PNG's text: null, with the reason, when undefined."""
+    share = frame_share(attribution)
+    if np.isfinite(share):
+        return {"frame_share": share}
+    return {"frame_share": None, "frame_share_note": NO_SHARE}
 
 
 def explain_image(image: np.ndarray, predict_one: Callable[[np.ndarray], np.ndarray], labels: tuple[str, ...],
@@ -182,7 +195,9 @@ def captioned(picture: Image.Image, lines: list[str]) -> Image.Image:
 def picture(path: Path, ex: Explanation, max_side: int = 512) -> tuple[Image.Image, str]:
     """The PNG for one image: the original at its aspect (longest side `max_side`), heat, caption."""
     original = load_display_image(path, max_side).convert("L")
-    caption = [f"{ex.label}  p={ex.probability:.3f}   frame share {frame_share(ex.pixels):.2f}",
+    share = frame_share(ex.pixels)
+    share_text = f"{share:.2f}" if np.isfinite(share) else "n/a (no patch lowers p)"
+    caption = [f"{ex.label}  p={ex.probability:.3f}   frame share {share_text}",
                f"occlusion {ex.occlusion.grid}x{ex.occlusion.grid}, patch {ex.occlusion.patch} px of "
                f"{ex.pixels.shape[0]}",
                f"bright: covering it lowers P({ex.label})"]
@@ -193,18 +208,69 @@ def write_png(img: Image.Image, path: Path, caption: str, ex: Explanation) -> Pa
     """Atomic PNG; the caption and the score grid also go in its text chunks, for tools and tests."""
     meta = PngInfo()
     meta.add_text("caption", caption)
-    meta.add_text("xray_edge_explain", json.dumps(ex.to_dict()))
+    meta.add_text("xray_edge_explain", json.dumps(ex.to_dict(), allow_nan=False))
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=meta)
     return atomic_write_bytes(path, buf.getvalue())
 
 
 def out_name(path: Path, used: set[str]) -> str:
-    """`scan.jpg` -> `scan.explain.png`; a second `scan.*` from another folder gets `scan-2...`."""
+    """`scan.jpg` -> `scan.explain.png`; a second `scan.*` from another folder gets `scan-2...`.
+
+    A stem too long for the file system's 255-byte names once the suffix is added is cut (the
+    write's temporary name is then cut in its turn, see `atomic_write_bytes`)."""
     stem, n = path.stem, 1
-    name = f"{stem}.explain.png"
+    name = fit_name(stem, ".explain.png")
     while name in used:
         n += 1
-        name = f"{stem}-{n}.explain.png"
+        name = fit_name(stem, f"-{n}.explain.png")
     used.add(name)
     return name
+
+
+@dataclass(frozen=True)
+class Explained:
+    """One input explained: where its PNG went, and what it says."""
+
+    path: Path
+    png: Path
+    explanation: Explanation
+
+    def to_dict(self) -> dict:
+        return {"path": os.fsdecode(self.path), "png": os.fsdecode(self.png), **self.explanation.to_dict()}
+
+
+def explain_paths(items: Iterable[Path | ImageError], predict_one: Callable[[np.ndarray], np.ndarray],
+                  info: ModelInfo, threshold: float | None, out_dir: Path, occ: Occlusion = DEFAULT,
+                  max_side: int = 512, load: Callable = load_image) -> Iterator[Explained | ImageError]:
+    """Explain each input in turn; a failure (decode or write) is yielded as an ImageError and
+    the next input goes on. `out_dir` should have been checked with `check_out_dir` first.
+    `load(path, spec)` decodes an input (the input gate's loader refuses what is not a film)."""
+    used: set[str] = set()
+    for item in items:
+        if isinstance(item, ImageError):
+            yield item
+            continue
+        path = Path(item)
+        try:
+            image = load(path, info.preprocessing)
+            result = explain_image(image, predict_one, info.labels, threshold, occ)
+            pic, caption = picture(path, result, max_side)
+            png = out_dir / out_name(path, used)
+            try:
+                written = write_png(pic, png, caption, result)
+            except OSError as exc:
+                raise ImageError(path, f"cannot write {png}: {exc.strerror or first_line(exc)}") from None
+        except ImageError as err:
+            yield err
+            continue
+        yield Explained(path, written, result)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Create `out_dir` and prove a file can be written in it, before any image is explained.
+
+    Raises:
+        XrayEdgeError: a file in the way, a read-only folder, ... (one line).
+    """
+    check_folder_writable(out_dir)

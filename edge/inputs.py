@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from xray_edge.errors import ImageError, first_line
+from xray_edge.files import special_kind
 from xray_edge.preprocess import IMAGE_SUFFIXES, has_dicom_preamble
 
 _GLOB_CHARS = set("*?[")
@@ -44,7 +45,10 @@ def _expand_one(arg: str) -> Iterator[Path | ImageError]:
     except OSError as exc:  # a folder that cannot be entered, a name too long, ...
         yield ImageError(p, f"cannot open: {exc.strerror or first_line(exc)}")
         return
-    if mode is not None and stat.S_ISDIR(mode):
+    if mode is not None and special_kind(mode) and not stat.S_ISDIR(mode):
+        # a FIFO would block the decoder forever; a device such as /dev/zero never ends
+        yield ImageError(p, f"not a regular file ({special_kind(mode)})")
+    elif mode is not None and stat.S_ISDIR(mode):
         found = list(walk_images(p, errors := []))
         yield from errors
         if not found and not errors:
@@ -55,7 +59,14 @@ def _expand_one(arg: str) -> Iterator[Path | ImageError]:
         if not matches:
             yield ImageError(arg, "no files match this pattern")
         for m in matches:
-            yield from _expand_one(m) if os.path.isdir(m) else [Path(m)]
+            # stat'ed again rather than expanded: a broken link named like a pattern matches itself
+            kind = _special(Path(m), None)
+            if os.path.isdir(m):
+                yield from _expand_one(m)
+            elif kind:
+                yield ImageError(m, f"not a regular file ({kind})")
+            else:
+                yield Path(m)
     else:
         yield p  # a missing file is reported by the decoder, in its place in the output
 
@@ -98,11 +109,27 @@ def walk_images(folder: Path, errors: list | None = None) -> Iterator[Path]:
             if name.startswith("."):
                 continue
             path = Path(root) / name
+            kind = _special(path, errors)
+            if kind is not None:
+                if kind and errors is not None:
+                    errors.append(ImageError(path, f"not a regular file ({kind})"))
+                continue
             suffix = path.suffix.lower()
             # PACS exports: no suffix, or a UID whose last part looks like one (".../1.2.840.3")
             maybe_dicom = suffix == "" or suffix[1:].isdigit()
             if suffix in IMAGE_SUFFIXES or (maybe_dicom and _is_dicom(path, errors)):
                 yield path
+
+
+def _special(path: Path, errors: list | None) -> str | None:
+    """None for a regular file (after symlinks); else what it is ('' when it cannot be stat'ed,
+    which is then reported in `errors`). Checked before any read: a FIFO blocks the reader."""
+    try:
+        return special_kind(os.stat(path).st_mode)
+    except OSError as exc:
+        if errors is not None:
+            errors.append(ImageError(path, f"cannot open: {exc.strerror or first_line(exc)}"))
+        return ""
 
 
 def _is_dicom(path: Path, errors: list | None) -> bool:

@@ -8,13 +8,12 @@ image is read.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xray_edge.errors import ModelError, first_line
-from xray_edge.files import atomic_write_json, check_schema
+from xray_edge.files import MAX_JSON_BYTES, atomic_write_json, check_schema, parse_json, read_regular
 from xray_edge.preprocess import Preprocessing
 
 MANIFEST_NAME = "manifest.json"
@@ -153,14 +152,14 @@ class Manifest:
 def read_manifest(path: Path) -> Manifest:
     """Load and check a manifest; every problem is a one-line ModelError."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = read_regular(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise ModelError(f"{path}: manifest not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: cannot read manifest ({getattr(exc, 'strerror', None) or exc})") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
     try:
-        d = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
+        d = parse_json(raw)
+    except ValueError as exc:  # not UTF-8, not JSON, too deep or too large
         raise ModelError(f"{path}: manifest is not valid JSON ({first_line(exc)})") from None
     try:
         return Manifest.from_dict(d)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xray_edge.errors import ModelError, first_line
+from xray_edge.files import MAX_JSON_BYTES, parse_json
 from xray_edge.preprocess import DEFAULT, Preprocessing
 
 TFLITE_MEMBER = "xray_edge.json"
@@ -84,7 +85,7 @@ def read_tflite_metadata(path: Path, data: bytes | None = None) -> dict | None:
     """
     try:
         with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as z:
-            raw = z.read(TFLITE_MEMBER)
+            raw = _read_member(z, TFLITE_MEMBER, path)
     except (zipfile.BadZipFile, KeyError, OSError, ValueError, EOFError, RuntimeError,
             NotImplementedError, zlib.error):
         return None  # no readable archive appended: the file has no metadata
@@ -96,11 +97,21 @@ def parse_onnx_metadata(props: dict, path: Path) -> dict | None:
     return None if raw is None else _parse(raw, path)
 
 
+def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    """A member's bytes, refused (not inflated) when it declares more than the JSON limit."""
+    size = z.getinfo(name).file_size
+    if size > MAX_JSON_BYTES:
+        raise ModelError(f"{path}: embedded metadata of {size:,} bytes is over the "
+                         f"{MAX_JSON_BYTES:,}-byte limit")
+    with z.open(name) as f:  # zipfile stops at the declared size and checks the CRC
+        return f.read(MAX_JSON_BYTES + 1)
+
+
 def _parse(raw: bytes | str, path: Path) -> dict:
     try:
-        d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: embedded metadata is not valid JSON ({exc})") from None
+        d = parse_json(raw)
+    except ValueError as exc:  # UnicodeDecodeError and too deep or too large included
+        raise ModelError(f"{path}: embedded metadata is not usable JSON ({first_line(exc)})") from None
     if not isinstance(d, dict):
         raise ModelError(f"{path}: embedded metadata is not a JSON object")
     return d
@@ -110,7 +121,7 @@ def read_keras_metadata(path: Path) -> dict:
     """The metadata the trainer stored in a .keras file ({} for a plain Keras file)."""
     try:
         with zipfile.ZipFile(path) as z:
-            d = json.loads(z.read(KERAS_MEMBER))
-    except (KeyError, zipfile.BadZipFile, ValueError, OSError):
+            raw = _read_member(z, KERAS_MEMBER, path)
+    except (KeyError, zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, zlib.error):
         return {}
-    return d if isinstance(d, dict) else {}
+    return _parse(raw, path)

@@ -12,6 +12,7 @@ import numpy as np
 
 from xray_edge.backends import choose_backend, open_backend
 from xray_edge.errors import ModelError, first_line
+from xray_edge.files import MAX_MODEL_BYTES, read_regular
 from xray_edge.manifest import MANIFEST_NAME, FileEntry, Manifest, check_digest, read_manifest
 from xray_edge.metadata import ModelInfo, parse_onnx_metadata, read_tflite_metadata
 
@@ -86,8 +87,9 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
 
 
 def read_model_bytes(path: Path) -> bytes:
+    """The file's bytes; a FIFO, a device (a symlink to /dev/zero) or a huge file is refused."""
     try:
-        return path.read_bytes()
+        return read_regular(path, MAX_MODEL_BYTES)
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
 
@@ -137,7 +139,7 @@ def _resolve(model: str | Path, file_name: str | None = None) -> ResolvedModel:
         manifest = read_manifest(p / MANIFEST_NAME)
         name = file_name or manifest.default or DEFAULT_FILE
         path = p / name
-        if not path.is_file():
+        if not path.exists():  # a FIFO or a folder under that name is refused by its reader, by name
             listed = ", ".join(sorted(manifest.files)) or "none"
             raise ModelError(f"{path}: not found (the manifest lists: {listed})")
         return ResolvedModel(path, manifest, manifest.entry(path))

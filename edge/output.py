@@ -52,6 +52,11 @@ class Printer:
                                               "rule": rule}))
         self._tick()
 
+    def record(self, line: str, obj: dict) -> None:
+        """Any other command's result: `line` as text, or `obj` as one strict JSON line."""
+        self._emit(self._out, json.dumps(obj, allow_nan=False) if self.as_json else line)
+        self._tick()
+
     def error(self, path, reason: str) -> None:
         self.failed += 1
         path = os.fspath(path)

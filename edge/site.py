@@ -20,7 +20,7 @@ import numpy as np
 
 from xray_edge import metrics
 from xray_edge.classify import predicted_classes
-from xray_edge.errors import ModelError, XrayEdgeError
+from xray_edge.errors import ModelError, XrayEdgeError, first_line
 from xray_edge.files import atomic_write_json, check_schema, read_json_record
 from xray_edge.gate import DEFAULT_RULES, GateRules, loader
 from xray_edge.inputs import walk_images
@@ -31,6 +31,9 @@ SITE_NAME = "site.json"
 SCHEMA_VERSION = 1
 MIN_PER_CLASS = 10  # below this a sensitivity is a guess (one case moves it by 10 points or more)
 DEFAULT_MAX_CI_WIDTH = 0.25  # a 95% interval wider than this gets a warning
+# At or below this the model hardly ranks this site's cases: any threshold is a guess there, so
+# no site.json is written (classify would otherwise use it silently).
+MIN_ROC_AUC = 0.6
 SPLIT_HALF_ROUNDS = 200
 
 
@@ -48,6 +51,7 @@ class SiteCalibration:
     data: str = ""  # the SITE folder
     backend: str = ""
     skipped: list = field(default_factory=list)  # files that could not be decoded
+    ignored: list = field(default_factory=list)  # subfolders of SITE that name no class
     created: str = ""
     schema: int = SCHEMA_VERSION
 
@@ -56,7 +60,7 @@ class SiteCalibration:
                 "model_sha256": self.model_sha256, "threshold": self.threshold,
                 "previous_threshold": self.previous_threshold, "rule": self.rule,
                 "counts": self.counts, "figures": self.figures, "data": self.data,
-                "backend": self.backend, "skipped": self.skipped}
+                "backend": self.backend, "skipped": self.skipped, "ignored": self.ignored}
 
     @classmethod
     def from_dict(cls, d) -> "SiteCalibration":
@@ -72,7 +76,12 @@ class SiteCalibration:
         return cls(model_sha256=sha, threshold=float(thr), **{k: d[k] for k in known if k in d})
 
     def write(self, folder: Path) -> Path:
-        return atomic_write_json(folder / SITE_NAME, self.to_dict())
+        """Write site.json atomically; XrayEdgeError (one line) when the folder refuses it."""
+        try:
+            return atomic_write_json(folder / SITE_NAME, self.to_dict())
+        except OSError as exc:
+            raise XrayEdgeError(f"{folder / SITE_NAME}: cannot write "
+                                f"({exc.strerror or first_line(exc)})") from None
 
     @classmethod
     def read(cls, folder: Path) -> "SiteCalibration | None":
@@ -183,20 +192,24 @@ def positive_index(classes: tuple[str, ...], named: str | None) -> int:
 
 
 def calibrate(predict, classes: tuple[str, ...], pos: int, spec: Preprocessing, site: Path,
-              previous: float | None, target: float,
-              rules: GateRules = DEFAULT_RULES) -> tuple[float, dict, dict, list[str]]:
+              previous: float | None, target: float, rules: GateRules = DEFAULT_RULES,
+              ignored: list | None = None) -> tuple[float, dict, dict, list[str]]:
     """Classify SITE/<class>/* with `predict` (one uint8 image -> output) and choose the threshold.
 
     Only what the input gate `rules` accepts is used; a refused file is skipped like a broken one.
 
     Returns:
         (threshold, figures, counts per class, one message per file that was skipped).
+        `ignored` (when given) receives the subfolders that name no class of the model.
     Raises:
-        XrayEdgeError: not a two-class model, or under MIN_PER_CLASS usable images of a class.
+        XrayEdgeError: not a two-class model, under MIN_PER_CLASS usable images of a class, or a
+            ROC AUC at or below MIN_ROC_AUC on the site's images.
     """
     if len(classes) != 2:
         raise XrayEdgeError("calibrate covers two-class (sigmoid) models")
     found = find_site_images(site, classes)
+    if ignored is not None:
+        ignored += found.ignored
     images, ok, errors = load_images(found.paths, spec, load=loader(rules))
     y = found.labels[ok]
     counts = {c: int((y == i).sum()) for i, c in enumerate(classes)}
@@ -207,6 +220,12 @@ def calibrate(predict, classes: tuple[str, ...], pos: int, spec: Preprocessing, 
                             f"least {MIN_PER_CLASS} per class in {site}/<class>/{extra}")
     probs = np.stack([np.asarray(predict(img), np.float32).reshape(-1) for img in images])
     thr, figures = choose(y, probs, classes, pos, previous, target)
+    auc = figures["roc_auc"]
+    if not auc > MIN_ROC_AUC:
+        raise XrayEdgeError(
+            f"{site}: the model hardly separates this site's classes (ROC AUC {auc:.2f}, at most "
+            f"{MIN_ROC_AUC}); no threshold can fix that, so no {SITE_NAME} was written: check the "
+            f"class folders ({', '.join(classes)}), or retrain with this site's images")
     return thr, figures, counts, errors
 
 
@@ -216,8 +235,10 @@ def calibrate_model(loaded, site: Path, target: float,
     info = loaded.info
     manifest = loaded.resolved.manifest
     pos = positive_index(info.labels, manifest.positive_class if manifest else None)
+    ignored: list[str] = []
     thr, figures, counts, errors = calibrate(loaded.backend.predict, info.labels, pos,
-                                             info.preprocessing, site, info.threshold, target, rules)
+                                             info.preprocessing, site, info.threshold, target, rules,
+                                             ignored)
     rec = SiteCalibration(
         model_file=loaded.path.name, model_sha256=loaded.sha256, threshold=thr,
         previous_threshold=info.threshold,
@@ -225,7 +246,7 @@ def calibrate_model(loaded, site: Path, target: float,
               "positive_class": info.labels[pos],
               "decision": f"{info.labels[1]} when P({info.labels[1]}) >= threshold"},
         counts=counts, figures=figures, data=str(Path(site).resolve()), backend=loaded.backend.name,
-        skipped=errors, created=now_utc())
+        skipped=errors, ignored=ignored, created=now_utc())
     return rec, errors
 
 

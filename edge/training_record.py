@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xray_edge.errors import XrayEdgeError
-from xray_edge.files import atomic_write_json, check_schema, read_json_record
+from xray_edge.files import atomic_write_json, check_schema, read_json_record, sha256_file
 from xray_edge.preprocess import DEFAULT, Preprocessing
 
 TRAINING_RECORD_NAME = "training.json"
+MODEL_NAME = "model.keras"  # the model the record's model_sha256 is of
 SCHEMA_VERSION = 1
 SPLITS = ("train", "validation", "test")
 
@@ -90,5 +91,13 @@ class TrainingRecord:
 
     @classmethod
     def read(cls, folder: Path) -> "TrainingRecord | None":
-        """The record in `folder`, or None when there is none; XrayEdgeError when it is unusable."""
-        return read_json_record(folder / TRAINING_RECORD_NAME, cls.from_dict, XrayEdgeError)
+        """The record in `folder`, or None when there is none; XrayEdgeError when it is unusable,
+        or when the folder's model.keras is not the one it records (a training interrupted while
+        it published its files: see `xray_edge.staging`)."""
+        rec = read_json_record(folder / TRAINING_RECORD_NAME, cls.from_dict, XrayEdgeError)
+        model = Path(folder) / MODEL_NAME
+        if rec is not None and isinstance(rec.model_sha256, str) and model.is_file():
+            if sha256_file(model) != rec.model_sha256:
+                raise XrayEdgeError(f"{model} is not the model {folder / TRAINING_RECORD_NAME} records "
+                                    "(sha256 differs: an interrupted training?); train again")
+        return rec

@@ -17,7 +17,7 @@ from xray_edge.preprocess import Preprocessing
 ONNX_FORMATS = {"onnx", "onnx-int8"}  # the formats made by the layer-by-layer ONNX emitter
 
 
-def check_model(model, spec: Preprocessing, formats: Iterable[str]) -> None:
+def check_model(model, spec: Preprocessing, formats: Iterable[str], classes: list[str] | None = None) -> None:
     """Refuse, before converting, a model some requested format cannot be made from.
 
     Every format needs one image input of the preprocessing's fixed shape and one [batch, K]
@@ -37,6 +37,11 @@ def check_model(model, spec: Preprocessing, formats: Iterable[str]) -> None:
     if len(out_shape) != 1 or out_shape[0] is None:
         raise UnsupportedLayer(f"model {model.name!r}: output shape {_shape(out_shape)} is not "
                                "[classes] (one probability per label, or one sigmoid unit)")
+    units = out_shape[0]
+    if isinstance(classes, list) and classes and not (units == len(classes) or (units == 1 and len(classes) == 2)):
+        raise UnsupportedLayer(f"model {model.name!r} has {units} outputs but its training record "
+                               f"names {len(classes)} classes ({', '.join(map(str, classes))}): one "
+                               "output per class, or one sigmoid unit for two")
     if ONNX_FORMATS & set(formats):
         try:
             chain = layer_chain(model)

@@ -112,7 +112,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         meta = read_keras_metadata(cfg.model)
         spec = record.preprocessing if record else Preprocessing.from_dict(meta.get("preprocessing") or {})
     with steps("check model"):
-        check_model(model, spec, [f.name for f in formats])
+        check_model(model, spec, [f.name for f in formats], record.classes if record else meta.get("classes"))
         sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
     with steps("images and Keras reference"):
         cal_images, (par_paths, par_images) = _images(sets, spec, any(f.needs_calibration for f in formats), log)

@@ -1,4 +1,5 @@
-"""All or nothing: an export's files are staged beside the destination and published as a set.
+"""All or nothing: an export's files are staged beside the destination and published as a set
+(the mechanism is `xray_edge.staging`'s, shared with training).
 
 Every file of one export is written into a hidden staging folder inside the destination (same
 filesystem, so a rename moves it without copying) and proven there. Only when every requested
@@ -25,51 +26,19 @@ touched: only the names in `owned` are ever replaced or removed.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
+from xray_edge import staging
 from xray_edge.manifest import MANIFEST_NAME, Manifest, write_manifest
 
 PREFIX = ".export-staging-"
 
 
-class Staging:
-    """A staging folder inside `out`; removed on exit unless it was published.
+class Staging(staging.Staging):
+    """A staging folder inside `out` for one export; see `xray_edge.staging.Staging`."""
 
-    Args:
-        out: the destination folder (created when missing).
-        before: called with a step name before each rename or removal while publishing
-            ("place xray.onnx", "remove xray_float16.tflite", "place manifest.json"); tests use it
-            to interrupt the export between two renames.
-    """
-
-    def __init__(self, out: Path, before: Callable[[str], None] | None = None):
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(self.out)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=self.out))
-        self._before = before or (lambda step: None)
-        self.changed: list[str] = []  # names already replaced or removed in `out` by publish()
-
-    def __enter__(self) -> "Staging":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.discard()
-
-    def path(self, name: str) -> Path:
-        return self.dir / name
-
-    def write(self, name: str, data: bytes) -> Path:
-        path = self.path(name)
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return path
+    prefix = PREFIX
 
     def publish(self, manifest: Manifest, owned: Iterable[str]) -> None:
         """Move the staged files listed in `manifest` into `out`, then the manifest itself.
@@ -79,46 +48,9 @@ class Staging:
             owned: every file name an export may write; those not in this manifest are removed.
         """
         write_manifest(self.dir, manifest)
-        for name in manifest.files:
-            self._before(f"place {name}")
-            os.replace(self.dir / name, self.out / name)
-            self.changed.append(name)
-        for name in sorted(set(owned) - set(manifest.files)):
-            if (self.out / name).exists():
-                self._before(f"remove {name}")
-                (self.out / name).unlink()
-                self.changed.append(name)
-        _fsync_dir(self.out)  # the model files are on disk before the manifest that names them
-        self._before(f"place {MANIFEST_NAME}")
-        os.replace(self.dir / MANIFEST_NAME, self.out / MANIFEST_NAME)
-        _fsync_dir(self.out)
-        self.discard()
-
-    def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.publish_files(manifest.files, MANIFEST_NAME, owned)
 
 
 def remove_abandoned(out: Path) -> None:
     """Delete staging folders left by exports that were killed (their process is gone)."""
-    for d in out.glob(f"{PREFIX}*"):
-        pid = d.name[len(PREFIX):].split("-", 1)[0]
-        if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    staging.remove_abandoned(out, PREFIX)

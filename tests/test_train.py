@@ -203,12 +203,14 @@ def test_unknown_precision_is_refused():
 def test_collapse_is_detected_and_not_saved_as_model(tmp_path, phantom_data):
     from xray_edge.train.trainer import TrainConfig, TrainingCollapsed, train
 
-    with pytest.raises(TrainingCollapsed, match="collapsed"):
+    (tmp_path / "model.keras").write_bytes(b"the previous good model")  # kept (issue #22)
+    with pytest.raises(TrainingCollapsed, match="previous model.keras and its files were kept"):
         train(TrainConfig(data=phantom_data, out=tmp_path, epochs=2, learning_rate=1.0, verbose=0,
                           cache_dir=tmp_path / "cache", plots=False))
-    assert not (tmp_path / "model.keras").exists()
+    assert (tmp_path / "model.keras").read_bytes() == b"the previous good model"
     assert (tmp_path / "model.collapsed.keras").exists()
-    assert json.loads((tmp_path / "training.json").read_text())["validation"]["collapsed"] is True
+    assert not (tmp_path / "training.json").exists() and not (tmp_path / "metrics.json").exists()
+    assert json.loads((tmp_path / "training.collapsed.json").read_text())["validation"]["collapsed"] is True
 
 
 def test_short_real_run_on_shared_set(shared_artifacts):

@@ -5,10 +5,17 @@ a changed image or recipe never reuses stale pixels, and a second run starts wit
 Worker processes write pixels straight into the store (`train/store.py`); the parent records
 which rows are done every few seconds, so an interrupted decode resumes where it stopped. The
 store gets its final name only once every row is decoded (or known to be a bad file).
+
+Trainings that share the cache take turns on one set of images: each holds an exclusive lock
+(`KEY.lock`, flock) while it decodes or checks that set, so a second run waits for the first
+and then reuses its store instead of writing into it. The lock goes with its process, killed
+or not; no stale lock is left to clear.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -23,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from xray_edge.errors import ImageError
-from xray_edge.files import atomic_write_bytes
+from xray_edge.files import atomic_write_bytes, open_regular
 from xray_edge.preprocess import Preprocessing, load_image
 from xray_edge.train.store import ImageStore
 from xray_edge.train.workers import process_pool
@@ -49,10 +56,30 @@ def cache_key(paths: list[Path], spec: Preprocessing) -> str:
     h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
     for p in paths:
         h.update(Path(p).name.encode() + b"\0")
-        with open(p, "rb") as f:
+        try:
+            f = open_regular(p)  # a FIFO among the images would block here
+        except OSError as exc:  # the decoder reports the file; its state still keys the cache
+            h.update(f"unreadable {exc.errno}".encode())
+            continue
+        with f:
             while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path, label: str, log: Log):
+    """Hold an exclusive lock on `lock_file`; say so when another process holds it first."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{label}: waiting for another training that is decoding the same images ({lock_file})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def decode_to_store(paths: list[Path], spec: Preprocessing, folder: Path, workers: int | None = None,
@@ -70,17 +97,23 @@ def decode_to_store(paths: list[Path], spec: Preprocessing, folder: Path, worker
     log = log or (lambda s: None)
     folder.mkdir(parents=True, exist_ok=True)
     key = cache_key(paths, spec)
+    with _locked(folder / f"{key}.lock", label, log):
+        return _decode_locked(paths, spec, folder, key, workers, label, progress, log)
+
+
+def _decode_locked(paths, spec, folder: Path, key: str, workers, label, progress, log) -> Decoded:
     final, partial = folder / f"{key}.npy", folder / f"{key}.partial.npy"
     state_file = folder / f"{key}.state.npz"
     shape = (len(paths), *spec.shape)
-    status, errors = _load_state(state_file, len(paths))
-    if status is not None and (status != PENDING).all() and final.exists():
+    status, errors, described = _load_state(state_file, len(paths))
+    # the state counts only for the very file it was written about (same device and inode)
+    if status is not None and (status != PENDING).all() and described == _file_id(final):
         store = _open(final, shape)
         if store is not None:
             log(f"{label}: {len(paths)} images from cache ({final})")
             return _decoded(store, status, errors)
     store = _open(partial, shape)
-    if store is None or status is None:
+    if store is None or status is None or described != _file_id(partial):
         store = ImageStore.create(partial, len(paths), spec.shape)
         status, errors = np.zeros(len(paths), np.uint8), {}
     elif (status != PENDING).any():
@@ -149,7 +182,8 @@ def _checkpoint(store: ImageStore, status, errors: dict, state_file: Path) -> No
     store.flush()  # pixels on disk before the state says they are there
     rows = np.fromiter(errors, np.int64, len(errors))
     buf = io.BytesIO()
-    np.savez(buf, status=status, error_rows=rows, error_messages=np.asarray([errors[i] for i in rows], dtype=str))
+    np.savez(buf, status=status, error_rows=rows, error_messages=np.asarray([errors[i] for i in rows], dtype=str),
+             store_id=np.asarray(_file_id(store.path), np.uint64))
     atomic_write_bytes(state_file, buf.getvalue())
 
 
@@ -158,11 +192,21 @@ def _load_state(state_file: Path, n: int):
         with np.load(state_file, allow_pickle=False) as z:
             status = z["status"]
             errors = dict(zip(z["error_rows"].tolist(), map(str, z["error_messages"])))
-    except (OSError, KeyError, ValueError):
-        return None, {}
+            described = tuple(int(v) for v in z["store_id"])
+    except (OSError, KeyError, ValueError):  # a state without store_id: from before, decoded again
+        return None, {}, None
     if status.shape != (n,) or status.dtype != np.uint8:
-        return None, {}
-    return status.copy(), errors
+        return None, {}, None
+    return status.copy(), errors, described
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode): which file a state describes; a rename keeps it, a new file changes it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _open(path: Path, shape: tuple[int, ...]) -> ImageStore | None:

@@ -9,11 +9,15 @@ prints the extra for this machine's GPU (nothing without one); `make train` inst
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
+import json
+import logging
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from xray_edge.errors import XrayEdgeError
 
@@ -21,6 +25,11 @@ from xray_edge.errors import XrayEdgeError
 # GA, as JAX's installation guide asks). The newest CUDA the driver runs is picked.
 CUDA_EXTRAS = (("gpu-cuda13", 580), ("gpu-cuda12", 525))
 JAX_CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
+# What each extra downloads (JAX's CUDA libraries as wheels), said before make installs it;
+# measured on a clean environment by the pass that filed issue #22.
+EXTRA_DOWNLOAD = {"gpu-cuda13": "2.5 GB", "gpu-cuda12": "3.2 GB"}
+# nvidia-smi answers in well under a second; a hung driver makes it wait for ever (it was 20 s).
+SMI_TIMEOUT = 5.0
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
@@ -31,12 +40,29 @@ class Gpu:
 
 
 @dataclass(frozen=True)
+class SmiAnswer:
+    """What `nvidia-smi` said: the GPUs it lists, or in one line why there are none known."""
+
+    gpus: tuple[Gpu, ...] = ()
+    problem: str | None = None  # "nvidia-smi did not answer within 5 s", "... failed (exit 9): ..."
+
+    def to_json(self) -> str:
+        return json.dumps({"gpus": [[g.name, g.driver] for g in self.gpus], "problem": self.problem})
+
+    @classmethod
+    def from_json(cls, text: str) -> "SmiAnswer":
+        d = json.loads(text)
+        return cls(tuple(Gpu(str(n), str(v)) for n, v in d.get("gpus", [])), d.get("problem"))
+
+
+@dataclass(frozen=True)
 class Devices:
     """What the Keras backend trains on."""
 
     backend: str
     names: tuple[str, ...]  # the devices used, e.g. ("cuda:0 NVIDIA H100 80GB HBM3",)
     accelerator: bool  # a GPU (or TPU), not the CPU
+    gpu_error: str | None = field(default=None, compare=False)  # why the backend's GPU did not start
 
     def describe(self) -> str:
         kind = "gpu" if self.accelerator else "cpu"
@@ -44,24 +70,48 @@ class Devices:
         return f"{kind} ({self.backend}; {many}{', '.join(self.names)})"
 
 
-def visible_gpus(smi: str = "nvidia-smi", timeout: float = 20) -> list[Gpu]:
-    """The GPUs `nvidia-smi` lists; [] when it is absent or fails (no driver loaded)."""
+def visible_gpus(smi: str = "nvidia-smi", timeout: float = SMI_TIMEOUT) -> list[Gpu]:
+    """The GPUs `nvidia-smi` lists; [] when it is absent, fails or hangs (see `query_gpus`)."""
+    return list(query_gpus(smi, timeout).gpus)
+
+
+def query_gpus(smi: str = "nvidia-smi", timeout: float = SMI_TIMEOUT) -> SmiAnswer:
+    """Ask `nvidia-smi` once per process (per executable found), for at most `timeout` seconds.
+
+    Absent: no GPUs and no problem (a CPU machine). Failing or hanging: no GPUs, and the problem
+    in one line, for the caller to say.
+    """
     exe = shutil.which(smi)
-    if exe is None:
-        return []
+    return SmiAnswer() if exe is None else _ask(exe, timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _ask(exe: str, timeout: float) -> SmiAnswer:
     try:
         r = subprocess.run([exe, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return []
+                           capture_output=True, text=True, timeout=timeout, check=False,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return SmiAnswer(problem=f"{exe} did not answer within {timeout:g} s (a hung driver?)")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return SmiAnswer(problem=f"{exe} could not run ({exc})")
     if r.returncode != 0:
-        return []
+        said = next((l.strip() for l in (r.stdout + r.stderr).splitlines() if l.strip()), "")
+        return SmiAnswer(problem=f"{exe} failed (exit {r.returncode}){': ' + said[:160] if said else ''}")
     gpus = []
     for line in r.stdout.splitlines():
         name, _, driver = line.rpartition(",")
         if name.strip() and driver.strip():
             gpus.append(Gpu(name.strip(), driver.strip()))
-    return gpus
+    return SmiAnswer(tuple(gpus))
+
+
+def read_answer(path: Path) -> SmiAnswer | None:
+    """The answer `--state` wrote (make asks once per run and hands it on); None if unusable."""
+    try:
+        return SmiAnswer.from_json(Path(path).read_text())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def pip_extra(gpus: list[Gpu]) -> str | None:
@@ -74,13 +124,18 @@ def pip_extra(gpus: list[Gpu]) -> str | None:
 
 def jax_cuda_installed() -> bool:
     """Whether a JAX CUDA plugin is installed (looked up without importing JAX)."""
+    return installed_cuda_plugin() is not None
+
+
+def installed_cuda_plugin() -> str | None:
+    """The name of the JAX CUDA plugin distribution installed, if any."""
     for dist in JAX_CUDA_PLUGINS:
         try:
             importlib.metadata.version(dist)
-            return True
+            return dist
         except importlib.metadata.PackageNotFoundError:
             pass
-    return False
+    return None
 
 
 def choose_backend(requested: str | None, environment: str | None, gpus: list[Gpu],
@@ -103,7 +158,7 @@ def training_devices(count: int | str = 1) -> Devices:
     import keras
 
     backend = keras.backend.backend()
-    found = _backend_devices(backend)
+    found, gpu_error = _backend_devices(backend)
     accel = [d for d in found if not d.lower().startswith("cpu")]
     pool = accel or found
     n = len(pool) if count == "all" else int(count)
@@ -118,7 +173,7 @@ def training_devices(count: int | str = 1) -> Devices:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     elif backend == "jax":
         keras.distribution.set_distribution(None)
-    return Devices(backend, tuple(pool[:n]), bool(accel))
+    return Devices(backend, tuple(pool[:n]), bool(accel), gpu_error)
 
 
 def unused_gpu_warning(gpus: list[Gpu], devices: Devices) -> str | None:
@@ -126,6 +181,9 @@ def unused_gpu_warning(gpus: list[Gpu], devices: Devices) -> str | None:
     if not gpus or devices.accelerator:
         return None
     extra = pip_extra(gpus)
+    if devices.gpu_error:  # the plugin is there and failed: installing it again is no fix
+        return (f"warning: {gpus[0].name} is visible but training runs on the CPU: JAX's CUDA "
+                f"plugin did not start ({devices.gpu_error}); fix: {plugin_fix(gpus, extra)}")
     if extra is None:
         fix = (f"update the NVIDIA driver ({gpus[0].driver}) to {CUDA_EXTRAS[-1][1]} or newer, "
                "then run make train")
@@ -138,21 +196,78 @@ def unused_gpu_warning(gpus: list[Gpu], devices: Devices) -> str | None:
     return f"warning: {gpus[0].name} is visible but training runs on the CPU ({why}); fix: {fix}"
 
 
-def _backend_devices(backend: str) -> list[str]:
-    if backend == "jax":
-        import jax
+def plugin_fix(gpus: list[Gpu], extra: str | None) -> str:
+    """What can make an installed but failing JAX CUDA plugin start."""
+    plugin = installed_cuda_plugin() or "the CUDA plugin"
+    cpu = "meanwhile train on the CPU with --backend tensorflow"
+    if extra is None:
+        return (f"update the NVIDIA driver ({gpus[0].driver}) to {CUDA_EXTRAS[-1][1]} or newer "
+                f"(or pip uninstall {plugin}); {cpu}")
+    wanted = JAX_CUDA_PLUGINS[[e for e, _ in CUDA_EXTRAS].index(extra)]
+    if plugin != wanted:  # e.g. the CUDA 13 plugin on a driver that runs CUDA 12 only
+        return (f"driver {gpus[0].driver} runs {extra}, not {plugin}: pip uninstall -y {plugin} "
+                f"{plugin.replace('-plugin', '-pjrt')} && pip install 'xray-edge[{extra}]'; {cpu}")
+    return ("check that nvidia-smi works for this user and that LD_LIBRARY_PATH puts no other CUDA "
+            f"libraries first, then pip install --force-reinstall 'xray-edge[{extra}]'; {cpu}")
 
-        return [f"{d.platform}:{d.id} {d.device_kind}" if d.platform != "cpu" else f"cpu:{d.id}"
-                for d in jax.devices()]
+
+def _backend_devices(backend: str) -> tuple[list[str], str | None]:
+    """The backend's device names, and why its GPU did not start (JAX: in one line, not the
+    plugin's traceback, which JAX logs)."""
+    if backend == "jax":
+        return _jax_devices()
     if backend == "torch":
         import torch
 
         gpus = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-        return gpus or ["cpu:0"]
+        return gpus or ["cpu:0"], None
     import tensorflow as tf
 
     gpus = [f"{d.name} {d.device_type}" for d in tf.config.list_logical_devices("GPU")]
-    return gpus or ["cpu:0"]
+    return gpus or ["cpu:0"], None
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _jax_devices() -> tuple[list[str], str | None]:
+    import jax
+
+    # JAX logs a failing plugin's traceback (20 lines) and goes on with the CPU: keep the
+    # message, drop the traceback, and say it once in the unused-GPU warning
+    log = logging.getLogger("jax._src.xla_bridge")
+    collect, propagate = _Collect(), log.propagate
+    log.addHandler(collect)
+    log.propagate = False
+    try:
+        devices = jax.devices()
+    finally:
+        log.removeHandler(collect)
+        log.propagate = propagate
+    names = [f"{d.platform}:{d.id} {d.device_kind}" if d.platform != "cpu" else f"cpu:{d.id}" for d in devices]
+    error = _plugin_error(collect.records)
+    plugin = installed_cuda_plugin()
+    if error is None and plugin and all(d.platform == "cpu" for d in devices):
+        error = f"{plugin} is installed but JAX lists no CUDA device"
+    return names, error
+
+
+def _plugin_error(records: list[logging.LogRecord]) -> str | None:
+    for r in records:
+        text = r.getMessage()
+        if r.exc_info and r.exc_info[1] is not None:
+            exc = r.exc_info[1]
+            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return f"{type(exc).__name__}: {line}"[:300]
+        if "CUDA backend failed" in text or "plugin" in text.lower():
+            return text.splitlines()[0][:300]
+    return None
 
 
 def _driver_major(driver: str) -> int:
@@ -166,12 +281,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m xray_edge.train.device", description=__doc__)
     ap.add_argument("--pip-extra", action="store_true",
                     help="print the extra that installs JAX for this machine's GPU (nothing without one)")
+    ap.add_argument("--state", action="store_true",
+                    help="print nvidia-smi's answer as one JSON line (make keeps it: a change redoes "
+                         "the GPU step)")
+    ap.add_argument("--answer", type=Path, default=None,
+                    help="read nvidia-smi's answer from this --state file instead of asking again")
     args = ap.parse_args(argv)
-    gpus = visible_gpus()
+    answer = (read_answer(args.answer) if args.answer else None) or query_gpus()
+    if args.state:
+        print(answer.to_json())
+        return 0
+    gpus = list(answer.gpus)
+    if answer.problem:
+        print(f"warning: {answer.problem}; no GPU is used", file=sys.stderr)
     if args.pip_extra:
         extra = pip_extra(gpus)
         if extra:
             print(extra)
+            print(f"note: xray-edge[{extra}] downloads about {EXTRA_DOWNLOAD[extra]} of wheels "
+                  "(JAX's CUDA libraries), once", file=sys.stderr)
         elif gpus:
             print(f"note: {gpus[0].name} found, but driver {gpus[0].driver} is older than JAX's CUDA "
                   f"wheels need ({CUDA_EXTRAS[-1][1]}); training stays on the CPU", file=sys.stderr)

@@ -37,6 +37,7 @@ from xray_edge.train.batches import Batches, predict
 from xray_edge.train.cache import Decoded, Progress, decode_to_store
 from xray_edge.train.dataset import Dataset, Split, discover, stratified_split
 from xray_edge.train.device import Devices, Gpu, training_devices, unused_gpu_warning
+from xray_edge.train.outputs import COLLAPSED_MODEL, MODEL, TrainOutputs, check_out
 
 # A run is called collapsed when its validation outputs barely move or rank no better than chance.
 COLLAPSE_MIN_SPREAD = 0.02  # max - min of validation probabilities
@@ -112,9 +113,10 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
     """
     t_start = time.perf_counter()
     ds = discover(cfg.data)
+    check_out(cfg.out)  # a file in the way or a read-only folder: now, not after training
     _announce_dataset(ds, log)
     pos = positive_index(ds.classes, cfg.positive_class)
-    with _store_folder(cfg.cache_dir, log) as folder, backend_settings(cfg):
+    with TrainOutputs(cfg.out) as staged, _store_folder(cfg.cache_dir, log) as folder, backend_settings(cfg):
         decoded = _decode_splits(ds, cfg, folder, log, progress)
         t_decoded = time.perf_counter()
         devices = _choose_devices(cfg, log)
@@ -127,16 +129,15 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
         record.devices = list(devices.names)
         record.precision = cfg.precision
         record.seconds = {"decode": t_decoded - t_start, "train": t_trained - t_decoded, **clock.seconds()}
-        metrics_doc, history = _write_evidence(cfg, ds, decoded, record, history, test_probs, pos)
-    if val.collapsed:
-        _save_collapsed(model, record, cfg.out, val)
-    model_path = cfg.out / "model.keras"
-    _save_model(model, model_path, record)
-    record.model_sha256 = sha256_file(model_path)
-    record.seconds["total"] = time.perf_counter() - t_start
-    record.seconds["after_training"] = record.seconds["total"] - (t_trained - t_start)
-    record.write(cfg.out)
-    return TrainResult(model_path, metrics_doc, history, record)
+        metrics_doc, history = _write_evidence(cfg, ds, decoded, record, history, test_probs, pos, staged.dir)
+        if val.collapsed:
+            _save_collapsed(model, record, staged, val)
+        _save_model(model, staged.path(MODEL), record)
+        record.model_sha256 = sha256_file(staged.path(MODEL))
+        record.seconds["total"] = time.perf_counter() - t_start
+        record.seconds["after_training"] = record.seconds["total"] - (t_trained - t_start)
+        staged.publish(record)
+    return TrainResult(cfg.out / MODEL, metrics_doc, history, record)
 
 
 class ValidationCheck(NamedTuple):
@@ -193,30 +194,30 @@ def _record(ds: Dataset, cfg: TrainConfig, decoded: dict[str, SplitData], pos: i
 
 
 def _write_evidence(cfg: TrainConfig, ds: Dataset, decoded: dict[str, SplitData], record: TrainingRecord,
-                    history: dict, test_probs: np.ndarray, pos: int) -> tuple[dict, dict]:
-    """history.json, metrics.json (test split) and the plots; returns (metrics, history) as written."""
+                    history: dict, test_probs: np.ndarray, pos: int, out: Path) -> tuple[dict, dict]:
+    """history.json, metrics.json (test split) and the plots into `out` (the staging folder);
+    returns (metrics, history) as written."""
     y_te = decoded["test"].labels
     metrics_doc = {"split": "test", "source": record.test_source, "synthetic": ds.synthetic,
                    "classes": ds.classes, "positive_class": ds.classes[pos],
                    **evaluate(test_probs, y_te, ds.classes, pos)}
     history = {k: [float(v) for v in vals] for k, vals in history.items()}
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.out / "history.json", history)
-    atomic_write_json(cfg.out / "metrics.json", metrics_doc)
+    atomic_write_json(out / "history.json", history)
+    atomic_write_json(out / "metrics.json", metrics_doc)
     if cfg.plots:
-        _plots(history, decoded["train"], ds, y_te, test_probs, pos, cfg.out)
+        _plots(history, decoded["train"], ds, y_te, test_probs, pos, out)
     return metrics_doc, history
 
 
-def _save_collapsed(model, record: TrainingRecord, out: Path, val: ValidationCheck) -> None:
-    bad = out / "model.collapsed.keras"
-    _save_model(model, bad, record)
-    (out / "model.keras").unlink(missing_ok=True)
-    record.write(out)
+def _save_collapsed(model, record: TrainingRecord, staged: TrainOutputs, val: ValidationCheck) -> None:
+    _save_model(model, staged.path(COLLAPSED_MODEL), record)
+    staged.publish_collapsed(record)
+    kept = ("the previous model.keras and its files were kept" if (staged.out / MODEL).exists()
+            else "no model.keras was written")
     raise TrainingCollapsed(
         f"training collapsed: validation probabilities span {val.spread:.4f}, ROC AUC "
-        f"{val.roc_auc:.3f}; the model predicts nearly the same for every image. Saved as {bad} "
-        f"(not model.keras). Try a lower --learning-rate or another --seed.")
+        f"{val.roc_auc:.3f}; the model predicts nearly the same for every image. Saved as "
+        f"{staged.out / COLLAPSED_MODEL} ({kept}). Try a lower --learning-rate or another --seed.")
 
 
 def _announce_dataset(ds: Dataset, log: Log) -> None:
@@ -231,13 +232,15 @@ def _announce_dataset(ds: Dataset, log: Log) -> None:
 def _store_folder(cache_dir: Path | None, log: Log):
     """The cache folder for decoded images, or a temporary one (no cache, or not writable)."""
     if cache_dir is not None:
+        # only the check is guarded: an error of the run itself must not reach a second yield
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            if os.access(cache_dir, os.W_OK):
-                yield cache_dir
-                return
+            usable = os.access(cache_dir, os.W_OK)
         except OSError:
-            pass
+            usable = False
+        if usable:
+            yield cache_dir
+            return
         log(f"warning: cannot write the decode cache in {cache_dir}; decoding into a temporary folder")
     with tempfile.TemporaryDirectory(prefix="xray-edge-train-") as tmp:
         yield Path(tmp)
@@ -454,6 +457,8 @@ def evaluate(probs: np.ndarray, y: np.ndarray, classes: list[str], pos: int,
         out.update({"threshold": threshold, "sensitivity": rep["sensitivity"],
                     "specificity": rep["specificity"], "confusion": rep["confusion"],
                     "roc_auc": metrics.roc_auc(y == pos, metrics.positive_score(probs, pos))})
+        if not np.isfinite(out["roc_auc"]):  # written as null (files.json_safe), with the reason
+            out["roc_auc_note"] = "undefined: the test split holds images of one class only"
     return out
 
 
