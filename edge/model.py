@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_edge.backends import choose_backend, open_backend
+from xray_edge.backends import choose_backend, open_backend, read_model_bytes
 from xray_edge.errors import ModelError, first_line
 from xray_edge.manifest import MANIFEST_NAME, FileEntry, Manifest, check_digest, read_manifest
 from xray_edge.metadata import ModelInfo, parse_onnx_metadata, read_tflite_metadata
@@ -83,13 +83,6 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
     if not np.all(np.isfinite(y)):
         raise ModelError(f"{resolved.path}: gives a non-finite output ({y.tolist()[:4]}) on a blank image")
     return LoadedModel(resolved, be, info, sha, first_ms)
-
-
-def read_model_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
 
 
 def check_fit(path: Path, backend, info: ModelInfo) -> None:
