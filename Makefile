@@ -28,7 +28,7 @@ help:
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,test]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,serve,test]"
 	@touch $@
 
 install: $(BIN)/.installed
