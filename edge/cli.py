@@ -575,6 +575,8 @@ def _destination(ctx, param, value):
               help="Folder for received films, results.jsonl, quarantine/ and outbox/ (the only place written).")
 @click.option("--watch", "watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Take each complete file a viewer writes into this folder (originals are not changed).")
+@click.option("--watch-settle", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Seconds a watched file must stay unchanged before it is taken.")
 @click.option("--dicom-port", type=click.IntRange(1, 65535), default=None, help="Listen for DICOM C-STORE/C-ECHO on this port.")
 @click.option("--ae-title", default="XRAY_EDGE", show_default=True, help="Our AE title.")
 @click.option("--allow-ae", default="", help="Comma-separated calling AE titles allowed (default: any).")
@@ -587,7 +589,7 @@ def _destination(ctx, param, value):
 @click.option("--threshold", type=float, default=None, callback=_probability,
               help="Override the operating point (default: site.json, else the manifest's).")
 @click.option("--exit-when-idle", is_flag=True, help="Classify what the spool holds, then exit (no receivers needed).")
-def serve(model, file_name, backend, threads, spool_dir, watch_dir, dicom_port, ae_title, allow_ae, bind,
+def serve(model, file_name, backend, threads, spool_dir, watch_dir, watch_settle, dicom_port, ae_title, allow_ae, bind,
           forward, max_spool, log_phi, threshold, exit_when_idle):
     """Run unattended: receive films, classify each, write results, reports and drift warnings.
 
@@ -619,7 +621,7 @@ def serve(model, file_name, backend, threads, spool_dir, watch_dir, dicom_port, 
         clf, loaded, source = _open_classifier(model, file_name, backend, threads, threshold)
     receivers = Receivers(
         dicom=ScpConfig(dicom_port, ae_title.strip(), bind, allowed) if dicom_port is not None else None,
-        watch=watch_dir)
+        watch=watch_dir, watch_settle=watch_settle)
     cfg = ServeConfig(our_ae=ae_title.strip(), forward=forward, log_phi=log_phi, stop_when_idle=exit_when_idle,
                       workers=min(2, os.cpu_count() or 1))
     try:

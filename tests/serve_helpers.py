@@ -20,7 +20,9 @@ from PIL import Image
 
 from xray_edge.preprocess import Preprocessing
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout, as in conftest.py; XRAY_EDGE_SHARED_DATA points elsewhere
+# (a git worktree whose parent folder has no shared/)
+SHARED = Path(os.environ.get("XRAY_EDGE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def brightness_model(folder: Path, center: float = 110.0, scale: float = 25.0,
@@ -147,8 +149,10 @@ class Service:
 
 
 def results(spool: Path) -> list[dict]:
-    p = spool / "results.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+    """The well-formed lines of results.jsonl (a torn line, from a kill, is not a result)."""
+    from xray_edge.serve.spool import read_results
+
+    return list(read_results(spool / "results.jsonl"))
 
 
 def wait_results(spool: Path, n: int, timeout: float = 60) -> list[dict]:

@@ -19,6 +19,7 @@ class Receivers:
     dicom: object | None = None  # receive.ScpConfig
     watch: Path | None = None
     watch_interval: float = 0.5
+    watch_settle: float = 2.0
 
 
 def log_line(line: str) -> None:
@@ -60,7 +61,7 @@ def serve(spool_dir: Path, clf, loaded, threshold_source: str, receivers: Receiv
     if receivers.watch is not None:
         from xray_edge.serve.watch import FolderWatch
 
-        watch = FolderWatch(receivers.watch, spool, log, receivers.watch_interval)
+        watch = FolderWatch(receivers.watch, spool, log, receivers.watch_interval, receivers.watch_settle)
         watcher = threading.Thread(target=watch.run, args=(stop,), name="xray-edge-watch", daemon=True)
         watcher.start()
         log(f"watching {receivers.watch}")

@@ -98,13 +98,17 @@ class Spool:
         self._lock = threading.Lock()
         for tmp in self.films.glob(".*.tmp"):  # a write cut short: its sender never heard Success
             tmp.unlink(missing_ok=True)
+        films = {p.stem for p in self.films.iterdir() if p.suffix != ".json"}
+        for meta in self.films.glob("*.json"):  # a kill between a film's metadata and its bytes
+            if meta.stem not in films:
+                meta.unlink(missing_ok=True)
         self._used = sum(p.stat().st_size for p in self.films.iterdir() if p.is_file())
         self.wake = threading.Event()  # set when a film arrives
         self.finished = self.done_keys()  # key -> status of its result line
 
     def known(self, key: str) -> bool:
         """True when a film with this key is waiting or has its result."""
-        return key in self.finished or (self.films / f"{key}.json").exists()
+        return key in self.finished or any(p.suffix != ".json" for p in self.films.glob(f"{key}.*"))
 
     # ---------------------------------------------------------------- receive side
     def accept(self, key: str, data: bytes, ext: str, meta: dict) -> Path:
@@ -156,9 +160,9 @@ class Spool:
             return {}
 
     def done(self, film: Film) -> None:
-        """Remove a film whose result is on disk."""
-        self._remove(film.path)
+        """Remove a film whose result is on disk (metadata first: a film never lacks it while waiting)."""
         (self.films / f"{film.key}.json").unlink(missing_ok=True)
+        self._remove(film.path)
 
     def write_reason(self, film: Film, reason: str) -> None:
         durable_write(self.quarantine / f"{film.key}.reason.txt", (reason.replace("\n", " ") + "\n").encode())

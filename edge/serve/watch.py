@@ -1,7 +1,10 @@
 """Take films a viewer writes into a folder: each complete file once, originals never changed.
 
-A file is complete when its size and modification time are the same on two polls in a row and
-its name is not a temporary one (dot files, .tmp, .part, .partial, .crdownload, .filepart).
+A file is complete when its size and modification time are the same on two polls in a row, it
+was last modified `settle` seconds ago or more (2 s by default), and its name is not a temporary
+one (dot files, .tmp, .part, .partial, .crdownload, .filepart). A writer that pauses longer than
+`settle` in the middle of a file would be read early: viewers that write under a temporary name
+and rename at the end are always safe.
 It is then read and copied into the spool under the sha256 of its bytes; a file whose content is
 already waiting or done (also after a restart) is not taken again.
 """
@@ -9,6 +12,7 @@ already waiting or done (also after a restart) is not taken again.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -24,8 +28,9 @@ def is_temporary(name: str) -> bool:
 
 
 class FolderWatch:
-    def __init__(self, folder: Path, spool: Spool, log, interval: float = 0.5):
+    def __init__(self, folder: Path, spool: Spool, log, interval: float = 0.5, settle: float = 2.0):
         self.folder, self.spool, self.log, self.interval = Path(folder), spool, log, interval
+        self.settle_ns = int(settle * 1e9)
         self._last: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) at the last poll
         self._taken: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) when taken
         self._full_said = False
@@ -45,8 +50,10 @@ class FolderWatch:
                     continue
                 now[path] = (st.st_size, st.st_mtime_ns)
         taken = 0
+        quiet_since = time.time_ns() - self.settle_ns
         for path, sig in now.items():
-            if self._last.get(path) != sig or self._taken.get(path) == sig or sig[0] == 0:
+            if (self._last.get(path) != sig or self._taken.get(path) == sig or sig[0] == 0
+                    or sig[1] > quiet_since):
                 continue  # still being written, already taken, or empty so far
             if self._take(path, sig):
                 taken += 1
@@ -68,7 +75,9 @@ class FolderWatch:
         if self.spool.known(key):
             self._taken[path] = sig
             return False
-        ext = Path(path).suffix.lower()[:16]
+        ext = Path(path).suffix.lower()
+        if not re.fullmatch(r"\.[a-z0-9]{1,8}", ext) or ext == ".json":
+            ext = ""  # the decoder reads the content, not the name; .json names the spool's metadata
         try:
             self.spool.accept(key, data, ext, {"source": "watch", "received": time.time(), "path": path})
         except (SpoolFull, OSError) as exc:
