@@ -103,6 +103,7 @@ class Worker:
             rec["reason"] = str(getattr(item, "reason", "") or "refused by the input gate")
         elif header is not None and self.cfg.reports:
             rec["report"] = self._report(header, rec)
+        rec["received"] = round(film.received, 3) if film.received else None
         rec["receive_to_result_ms"] = round((time.time() - film.received) * 1e3, 1) if film.received else None
         self.spool.append_result(rec)
         self.spool.done(film)
