@@ -104,3 +104,8 @@ clean:
 SERVE_FILMS ?= 2000
 bench-serve: $(BIN)/.installed
 	$(BIN)/python tests/tools/bench_serve.py --films $(SERVE_FILMS) --artifacts "$(OUT)"
+
+# One archive for the device: wheel, the manifest's default model file, manifest (+ site.json),
+# systemd unit and install script (docs/serve.md). On the Pi: tar xzf ... && sudo ./install.sh
+bundle: $(BIN)/.installed
+	$(BIN)/python packaging/make_bundle.py --artifacts "$(OUT)" --out dist
