@@ -89,8 +89,9 @@ class DriftState:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def assess(scores, positives, dist: dict, threshold: float | None, min_films: int = MIN_FILMS) -> DriftState:
-    """The drift state of one window of scores and positive calls."""
+def assess(scores, positives, dist: dict, threshold: float | None, min_films: int = MIN_FILMS,
+           called: str = "labels[1]") -> DriftState:
+    """The drift state of one window of scores and calls of labels[1] (named `called`)."""
     n = len(scores)
     if not dist.get("quantiles"):
         return DriftState(n, None, None, None, None, False, "no validation scores in the manifest")
@@ -105,15 +106,16 @@ def assess(scores, positives, dist: dict, threshold: float | None, min_films: in
     if value > bound:
         why.append(f"score PSI {value:.2f} > {bound:.2f}")
     if p < P_BOUND:
-        why.append(f"positive share {k / n:.0%} vs {exp:.0%} at validation (binomial p={p:.1e} < {P_BOUND})")
+        why.append(f"share called {called} {k / n:.0%} vs {exp:.0%} at validation (binomial p={p:.1e} < {P_BOUND})")
     return DriftState(n, value, k / n, exp, p, bool(why), "; ".join(why) or "within bounds")
 
 
 class DriftMonitor:
     """A rolling window; `add` returns a line to log when the state changes, else None."""
 
-    def __init__(self, dist: dict, threshold: float | None, window: int = WINDOW, min_films: int = MIN_FILMS):
-        self.dist, self.threshold, self.min_films = dist, threshold, min_films
+    def __init__(self, dist: dict, threshold: float | None, window: int = WINDOW, min_films: int = MIN_FILMS,
+                 called: str = "labels[1]"):
+        self.dist, self.threshold, self.min_films, self.called = dist, threshold, min_films, called
         self.scores: deque[float] = deque(maxlen=window)
         self.positives: deque[bool] = deque(maxlen=window)
         self.drifting = False
@@ -131,4 +133,4 @@ class DriftMonitor:
         return f"drift cleared over the last {state.films} films ({state.reason})"
 
     def state(self) -> DriftState:
-        return assess(list(self.scores), list(self.positives), self.dist, self.threshold, self.min_films)
+        return assess(list(self.scores), list(self.positives), self.dist, self.threshold, self.min_films, self.called)

@@ -69,7 +69,7 @@ def serve(spool_dir: Path, clf, loaded, threshold_source: str, receivers: Receiv
     log(f"model {loaded.path.name} sha256 {loaded.sha256[:12]}, threshold {clf.threshold} ({threshold_source}); "
         f"spool {spool.root} ({pending} film{'s' if pending != 1 else ''} waiting)"
         + ("" if dist else "; no validation scores in the manifest: no drift check"))
-    drift = DriftMonitor(dist, clf.threshold) if dist else None
+    drift = DriftMonitor(dist, clf.threshold, called=clf.info.labels[-1]) if dist else None
     try:
         Worker(spool, clf, loaded, threshold_source, cfg, log, drift).run(stop)
     finally:

@@ -35,7 +35,8 @@ def spool_status(root: Path) -> dict:
     done = sum(counts.values())
     classified = counts.get("classified", 0)
     drift = assess([s for s, _ in window], [p for _, p in window],
-                   service.get("validation_scores") or {}, service.get("threshold"))
+                   service.get("validation_scores") or {}, service.get("threshold"),
+                   called=names[1] if len(names) == 2 else "labels[1]")
     return {
         "spool": str(root),
         "model": service.get("model"), "model_sha256": service.get("model_sha256"),
@@ -43,6 +44,7 @@ def spool_status(root: Path) -> dict:
         "quarantined": counts.get("quarantined", 0), "refused": counts.get("refused", 0),
         "rates": {lab: round(n / classified, 4) for lab, n in sorted(labels.items())} if classified else {},
         "last_film": last,
+        "called": names[1] if len(names) == 2 else None,
         "drift": drift.to_dict(),
     }
 
@@ -60,7 +62,7 @@ def format_status(s: dict) -> str:
     rates = ", ".join(f"{k} {v:.0%}" for k, v in s["rates"].items()) or "-"
     state = ("DRIFT: " if d["drifting"] else "ok: ") + d["reason"]
     if d.get("psi") is not None:
-        state += f" (last {d['films']} films: PSI {d['psi']:.3f}, positive share {d['positive_share']:.0%} vs {d['expected_share']:.0%})"
+        state = f"{state}\n             last {d['films']} films: PSI {d['psi']:.3f}, share called {s['called']} {d['positive_share']:.0%} (validation {d['expected_share']:.0%})"
     return "\n".join([
         f"spool        {s['spool']}",
         f"model        {s['model'] or '-'} ({(s['model_sha256'] or '-')[:12]})",
