@@ -211,3 +211,53 @@ def test_status_reports_drift_for_adult_normals(tmp_path):
     assert adult["drift"]["psi"] > psi_bound(80, len(val))
     assert "DRIFT" in state["adults"][2] and "classified   80" in state["adults"][2]
     assert abs(sum(adult["rates"].values()) - 1) < 1e-3
+
+
+def test_hostile_files_are_quarantined_and_the_service_goes_on(tmp_path, model):
+    """The hardening tests' hostile DICOMs and truncated/mutated images, among good films."""
+    import pydicom
+
+    from test_dicom import ramp, write_dicom
+
+    watch, spool = tmp_path / "viewer", tmp_path / "spool"
+    watch.mkdir()
+    bad = {"empty.dcm": write_dicom(watch / "empty.dcm", None),
+           "dot.dcm": write_dicom(watch / "dot.dcm", np.zeros((1, 1), np.uint16))}
+    huge = write_dicom(watch / "huge.dcm", ramp(16, 16))
+    ds = pydicom.dcmread(huge)
+    ds.Rows, ds.Columns = 12000, 12000
+    ds.save_as(huge)
+    odd = write_dicom(watch / "odd.dcm", ramp())
+    ds = pydicom.dcmread(odd)
+    ds.add_new(pydicom.datadict.tag_for_keyword("RescaleSlope"), "LO", "x1")
+    ds.save_as(odd)
+    good = real_images(3, tmp_path)
+    data = good[0].read_bytes()
+    (watch / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    rng = np.random.default_rng(1)
+    flipped = bytearray(data)
+    for i in rng.integers(0, len(flipped), 200):
+        flipped[i] ^= 0xFF
+    (watch / "flipped.jpg").write_bytes(bytes(flipped))
+    (watch / "text.jpg").write_bytes(b"not an image at all\n")
+    for img in good:
+        shutil.copy(img, watch / img.name)
+    n = len(list(watch.iterdir()))
+
+    svc = Service("--model", model, "--spool", spool, "--watch", watch)
+    try:
+        recs = wait_results(spool, n)
+        assert svc.proc.poll() is None  # still running
+        assert svc.stop() == 0
+    finally:
+        svc.proc.kill()
+    status = {Path(r["path"]).name: r["status"] for r in recs}
+    for img in good:
+        assert status[img.name] == "classified"
+    for name in ("empty.dcm", "dot.dcm", "huge.dcm", "odd.dcm", "truncated.jpg", "text.jpg"):
+        assert status[name] == "quarantined", (name, status)
+    assert status["flipped.jpg"] in ("classified", "quarantined")  # JPEG may decode garbage
+    reasons = list((spool / "quarantine").glob("*.reason.txt"))
+    assert len(reasons) == list(status.values()).count("quarantined")
+    assert all(len(p.read_text().strip().splitlines()) == 1 for p in reasons)
+    assert not any("Traceback" in line for line in svc.lines)
