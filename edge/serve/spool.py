@@ -126,6 +126,10 @@ class Spool:
             self._used += need
         path = self.films / f"{key}{ext}"
         try:
+            replaced = path.stat().st_size  # the same SOP Instance UID sent again while waiting
+        except FileNotFoundError:
+            replaced = 0
+        try:
             durable_write(self.films / f"{key}.json", json.dumps(meta).encode())
             durable_write(path, data)
         except OSError as exc:
@@ -134,6 +138,8 @@ class Spool:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull("the disk is full") from None
             raise
+        with self._lock:
+            self._used -= replaced
         self.wake.set()
         return path
 

@@ -114,8 +114,11 @@ def main() -> None:
             t0 = time.time()
             for i in range(n_dicom):
                 status = assoc.send_c_store(dicom_film(bases[i % len(bases)], i))
-                if status.Status != 0:
-                    raise SystemExit(f"C-STORE status {status.Status:#06x}")
+                if getattr(status, "Status", None) != 0:
+                    code = getattr(status, "Status", None)
+                    raise SystemExit(f"film {i}: C-STORE {'gave no answer' if code is None else f'status {code:#06x}'} "
+                                     f"(association {'aborted' if assoc.is_aborted else 'open'}); "
+                                     f"service log: {svc.lines[-5:]}")
             assoc.release()
             recs = wait_for(spool, n_dicom, 60 + n_dicom)
             t_dicom = max(r["received"] + r["receive_to_result_ms"] / 1e3 for r in recs) - t0
