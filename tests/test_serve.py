@@ -261,3 +261,25 @@ def test_hostile_files_are_quarantined_and_the_service_goes_on(tmp_path, model):
     assert len(reasons) == list(status.values()).count("quarantined")
     assert all(len(p.read_text().strip().splitlines()) == 1 for p in reasons)
     assert not any("Traceback" in line for line in svc.lines)
+
+
+def test_export_stores_the_validation_score_quantiles(tmp_path):
+    """choose_threshold (export) puts P(labels[1]) quantiles of the validation split in the
+    operating point, which the manifest carries and the service reads."""
+    from xray_edge.export.operating_point import choose_threshold
+    from xray_edge.manifest import Manifest
+    from xray_edge.training_record import TrainingRecord
+
+    images = real_images(8, tmp_path)
+    probs = np.linspace(0.05, 0.95, 8)
+    known = {p: np.array([v], np.float32) for p, v in zip(images, probs)}
+    record = TrainingRecord(classes=["COVID19", "NORMAL"], positive_class="COVID19",
+                            files={"validation": [str(p) for p in images]}, labels={"validation": [0, 1] * 4})
+    _, point = choose_threshold(None, record, record.preprocessing, 0.95, known=known)
+    dist = point["validation_scores"]
+    assert dist["n"] == 8 and len(dist["quantiles"]) == 101
+    assert dist["quantiles"][0] == pytest.approx(0.05, abs=1e-5) and dist["quantiles"][-1] == pytest.approx(0.95, abs=1e-5)
+    assert dist["quantiles"][50] == pytest.approx(np.median(probs), abs=1e-5)
+    assert all(a <= b for a, b in zip(dist["quantiles"], dist["quantiles"][1:]))
+    m = Manifest.from_dict({"schema": 1, "labels": ["COVID19", "NORMAL"], "files": {}, "operating_point": point})
+    assert m.validation_scores == dist
