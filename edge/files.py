@@ -39,6 +39,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder, so that a rename or a new file in it survives a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from xray_edge.files import fsync_dir
+
 FILMS, QUARANTINE, OUTBOX = "films", "quarantine", "outbox"
 RESULTS = "results.jsonl"
 SERVICE = "service.json"
@@ -43,14 +45,6 @@ def film_key(sop_uid: str | None = None, data: bytes | None = None) -> str:
     if sop_uid and len(sop_uid) <= 64 and _UID.match(sop_uid):
         return sop_uid
     return "sha256-" + hashlib.sha256(data or b"").hexdigest()
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def durable_write(path: Path, data: bytes) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve_helpers import Service, brightness_model, free_port, real_images, results  # noqa: E402
+from serve_helpers import Service, brightness_model, free_port, real_images, results, wait_results  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -64,16 +64,6 @@ def dicom_film(pixels: np.ndarray, i: int):
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     return ds
-
-
-def wait_for(spool: Path, n: int, timeout: float) -> list[dict]:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        r = results(spool)
-        if len(r) >= n:
-            return r
-        time.sleep(0.2)
-    raise SystemExit(f"only {len(results(spool))} of {n} results after {timeout} s")
 
 
 def pct(values, q):
@@ -120,7 +110,7 @@ def main() -> None:
                                      f"(association {'aborted' if assoc.is_aborted else 'open'}); "
                                      f"service log: {svc.lines[-5:]}")
             assoc.release()
-            recs = wait_for(spool, n_dicom, 60 + n_dicom)
+            recs = wait_results(spool, n_dicom, 60 + n_dicom)
             t_dicom = max(r["received"] + r["receive_to_result_ms"] / 1e3 for r in recs) - t0
             lat_dicom = [r["receive_to_result_ms"] for r in recs]
 
@@ -134,7 +124,7 @@ def main() -> None:
                 Image.fromarray(px).save(tmpname, format="PNG", compress_level=1)
                 os.replace(tmpname, final)
                 written[str(final)] = time.time()
-            recs = wait_for(spool, n_dicom + n_folder, 60 + n_folder)
+            recs = wait_results(spool, n_dicom + n_folder, 60 + n_folder)
             folder = [r for r in recs if r.get("source") == "watch"]
             done_at = [r["received"] + r["receive_to_result_ms"] / 1e3 for r in folder]
             t_folder = max(done_at) - t1
