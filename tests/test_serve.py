@@ -283,3 +283,26 @@ def test_export_stores_the_validation_score_quantiles(tmp_path):
     assert all(a <= b for a, b in zip(dist["quantiles"], dist["quantiles"][1:]))
     m = Manifest.from_dict({"schema": 1, "labels": ["COVID19", "NORMAL"], "files": {}, "operating_point": point})
     assert m.validation_scores == dist
+
+
+def test_a_film_the_input_gate_refuses_is_recorded_as_refused(tmp_path, model):
+    """Runs once the input gate (issue 23, xray_edge.gate) is in the classify path."""
+    pytest.importorskip("xray_edge.gate")
+    from serve_helpers import dicom_from_image
+
+    watch, spool = tmp_path / "viewer", tmp_path / "spool"
+    watch.mkdir()
+    mr = dicom_from_image(real_images(1, tmp_path)[0], tmp_path / "mr.dcm")
+    import pydicom
+
+    ds = pydicom.dcmread(mr)
+    ds.Modality = "MR"
+    ds.save_as(watch / "mr.dcm")
+    svc = Service("--model", model, "--spool", spool, "--watch", watch)
+    try:
+        (rec,) = wait_results(spool, 1)
+        assert svc.stop() == 0
+    finally:
+        svc.proc.kill()
+    assert rec["status"] == "refused" and rec["rule"] and "MR" in rec["reason"]
+    assert "report" not in rec and not list((spool / "quarantine").iterdir()) and not list((spool / "films").iterdir())

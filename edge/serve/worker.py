@@ -34,7 +34,8 @@ class ServeConfig:
 
 
 def status_of(prediction) -> str:
-    """'refused' when the library's input gate declined the film (issue 23), else 'classified'."""
+    """'refused' when a Prediction says the film was declined, else 'classified'. (The input gate
+    of issue 23 yields an ImageError with a `rule` instead: see `Worker._refused`.)"""
     if getattr(prediction, "refused", False) or getattr(prediction, "status", None) == "refused":
         return "refused"
     return "classified"
@@ -89,6 +90,9 @@ class Worker:
             self.spool.done(film)
 
     def _one(self, film: Film, item) -> None:
+        if isinstance(item, ImageError) and getattr(item, "rule", None):
+            self._refused(film, item)  # the input gate's decision (issue 23): not a broken file
+            return
         if isinstance(item, ImageError):
             self._quarantine(film, item.reason)
             return
@@ -141,6 +145,14 @@ class Worker:
             return dcmread(film.path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - unreadable headers are the decoder's to report
             return None
+
+    def _refused(self, film: Film, err) -> None:
+        """A film the classify path declined to label: a result line, no report, film removed."""
+        rec = self._record(film, self._header(film))
+        rec.update(status="refused", rule=str(err.rule), reason=err.reason)
+        self.spool.append_result(rec)
+        self.spool.done(film)
+        self.log(f"{rec['time']} refused {rec.get('sop_instance_uid') or rec.get('path') or film.key}: {err.reason}")
 
     def _quarantine(self, film: Film, reason: str) -> None:
         header = self._header(film)
