@@ -14,7 +14,7 @@ TFLITE_VENV := .venv-tflite
 
 BENCH_IMAGES ?= 20000
 
-.PHONY: help install train export report test pi-test bench bench-train bench-data data clean bench-serve bundle
+.PHONY: help install train export report test pi-test bench bench-train bench-data data clean
 
 help:
 	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline)"
@@ -102,6 +102,7 @@ clean:
 # The service under load: films/s and receive-to-result p50/p99 through DICOM and a watched
 # folder, resident memory at start and end (SERVE_FILMS=200 for a quick run).
 SERVE_FILMS ?= 2000
+.PHONY: bench-serve bundle
 bench-serve: $(BIN)/.installed
 	$(BIN)/python tests/tools/bench_serve.py --films $(SERVE_FILMS) --artifacts "$(OUT)"
 
