@@ -306,3 +306,20 @@ def test_a_film_the_input_gate_refuses_is_recorded_as_refused(tmp_path, model):
         svc.proc.kill()
     assert rec["status"] == "refused" and rec["rule"] and "MR" in rec["reason"]
     assert "report" not in rec and not list((spool / "quarantine").iterdir()) and not list((spool / "films").iterdir())
+
+
+def test_serve_imports_no_tensorflow_or_keras(tmp_path, model):
+    import subprocess
+
+    spool = tmp_path / "spool"
+    fill_spool(spool, real_images(1, tmp_path))
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tensorflow', 'keras', 'jax', 'torch')), file=sys.stderr))\n"
+            "from xray_edge.cli import main\n"
+            f"sys.argv = ['xray-edge', 'serve', '--model', {str(model)!r}, '--spool', {str(spool)!r}, '--exit-when-idle']\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stderr, r.stderr[-500:]
+    assert len(results(spool)) == 1
