@@ -168,3 +168,42 @@ def test_a_malformed_dataset_is_quarantined_and_the_service_goes_on(tmp_path, fi
     assert status["1.2.826.0.1.3680043.10.999"] == "quarantined"
     assert list(status.values()).count("classified") == 1
     assert (spool / "quarantine" / "1.2.826.0.1.3680043.10.999.reason.txt").read_text().strip()
+
+
+def test_a_full_disk_answers_out_of_resources(tmp_path, films):
+    """The spool on a small tmpfs filled with ballast: 0xA700; room again: Success and a result."""
+    import os
+    import shutil
+    import subprocess
+
+    from xray_edge.serve.spool import DISK_RESERVE
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    svc = None
+    try:
+        model = brightness_model(tmp_path / "model")
+        spool, port = disk / "spool", free_port()
+        svc = Service("--model", model, "--spool", spool, "--dicom-port", port, "--bind", "127.0.0.1")
+        svc.wait_for("listening")
+        free = shutil.disk_usage(disk).free
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * (free - DISK_RESERVE - films[0].stat().st_size // 2))
+        assoc = sender(syntaxes=(ExplicitVRLittleEndian,)).associate("127.0.0.1", port)
+        assert assoc.send_c_store(dcmread(films[0])).Status == 0xA700
+        os.unlink(ballast)
+        assert assoc.send_c_store(dcmread(films[0])).Status == 0x0000
+        assoc.release()
+        (rec,) = wait_results(spool, 1)
+        assert rec["status"] == "classified"
+        assert any("the disk is full" in line and "0xA700" in line for line in svc.lines)
+        assert svc.stop() == 0
+    finally:
+        if svc is not None:
+            svc.proc.kill()
+            svc.proc.wait()
+        subprocess.run(["umount", str(disk)], capture_output=True)
