@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -35,8 +36,6 @@ def validation_scores(loaded) -> dict:
 def serve(spool_dir: Path, clf, loaded, threshold_source: str, receivers: Receivers, cfg: ServeConfig,
           max_spool: int | None = None, log=log_line) -> int:
     """Run until SIGTERM/SIGINT (or, with cfg.stop_when_idle, until the spool is empty)."""
-    import json
-
     spool = Spool(spool_dir, max_spool)
     dist = validation_scores(loaded)
     durable_write(spool.root / SERVICE, json.dumps({

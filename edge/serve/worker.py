@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from xray_edge.errors import ImageError, first_line
@@ -29,8 +29,7 @@ class ServeConfig:
     log_phi: bool = False
     reports: bool = True  # write an SR for each DICOM film
     workers: int = 2  # decode threads
-    stop_when_idle: bool = False  # for benchmarks and tests: return once the spool is empty
-    counts: dict = field(default_factory=dict)
+    stop_when_idle: bool = False  # --exit-when-idle: return once the spool is empty
 
 
 def status_of(prediction) -> str:
@@ -54,7 +53,7 @@ class Worker:
         for film in self.spool.pending():  # a kill after the result line, before the removal
             self._settle(film)
         while not stop.is_set():
-            films = [f for f in self.spool.pending(BATCH)]
+            films = self.spool.pending(BATCH)
             for f in films:
                 self._settle(f)  # also the same SOP Instance UID sent again after its result
             films = [f for f in films if f.key not in self.spool.finished]
