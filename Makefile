@@ -29,7 +29,7 @@ help:
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,test]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,serve,test]"
 	@touch $@
 
 install: $(BIN)/.installed
@@ -111,3 +111,15 @@ data:
 
 clean:
 	rm -rf $(OUT) data/phantom data/bench build *.egg-info
+
+# The service under load: films/s and receive-to-result p50/p99 through DICOM and a watched
+# folder, resident memory at start and end (SERVE_FILMS=200 for a quick run).
+SERVE_FILMS ?= 2000
+.PHONY: bench-serve bundle
+bench-serve: $(BIN)/.installed
+	$(BIN)/python tests/tools/bench_serve.py --films $(SERVE_FILMS) --artifacts "$(OUT)"
+
+# One archive for the device: wheel, the manifest's default model file, manifest (+ site.json),
+# systemd unit and install script (docs/serve.md). On the Pi: tar xzf ... && sudo ./install.sh
+bundle: $(BIN)/.installed
+	$(BIN)/python packaging/make_bundle.py --artifacts "$(OUT)" --out dist

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from xray_edge.errors import ModelError, RuntimeMissing, first_line
+from xray_edge.files import MAX_MODEL_BYTES, read_regular
 
 EXTRA = {"litert": "litert", "tflite": "tflite", "onnxruntime": "onnx"}
 DIST = {"litert": "ai-edge-litert", "tflite": "tflite-runtime", "onnxruntime": "onnxruntime"}
@@ -70,15 +71,17 @@ def open_backend(model_path: Path, backend: str = "auto", threads: int | None = 
     sha256) by the caller: the runtime loads those bytes, so the file cannot change in between.
     """
     name = choose_backend(model_path, backend)
-    data = content if content is not None else _read(model_path)
+    data = content if content is not None else read_model_bytes(model_path)
     if name == "onnxruntime":
         return OnnxBackend(model_path, threads, data)
     return TFLiteBackend(model_path, name, _interpreter_class(name), threads, data)
 
 
-def _read(path: Path) -> bytes:
+def read_model_bytes(path: Path) -> bytes:
+    """A model file's bytes; ModelError (one line) when it cannot be read. A FIFO, a device (a
+    symlink to /dev/zero) or a huge file is refused."""
     try:
-        return path.read_bytes()
+        return read_regular(path, MAX_MODEL_BYTES)
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
 
@@ -156,7 +159,7 @@ class TFLiteBackend:
     def __init__(self, path: Path, name: str, interpreter_cls, threads: int | None = None,
                  content: bytes | None = None):
         self.name = name
-        self._content = content if content is not None else _read(path)  # the runtime reads it in place
+        self._content = content if content is not None else read_model_bytes(path)  # the runtime reads it in place
         try:
             with quiet_stderr():
                 self._it = interpreter_cls(model_content=self._content, num_threads=threads)
@@ -220,7 +223,7 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = threads
         try:
-            self._sess = ort.InferenceSession(content if content is not None else _read(path), opts,
+            self._sess = ort.InferenceSession(content if content is not None else read_model_bytes(path), opts,
                                               providers=["CPUExecutionProvider"])
             inputs, outputs = self._sess.get_inputs(), self._sess.get_outputs()
             self.metadata = dict(self._sess.get_modelmeta().custom_metadata_map)

@@ -597,5 +597,108 @@ def explain(inputs, out_dir, model, file_name, backend, threshold, grid, patch, 
     sys.exit(EXIT_SOME_FAILED if out.failed else EXIT_OK)
 
 
+# --------------------------------------------------------------------------- serve / status
+def _size(ctx, param, value):
+    """'500M', '2G', '1000000' -> bytes."""
+    if value is None:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = value.strip().upper().rstrip("B")
+    mult = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        size = int(float(number) * mult)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 500M, 2G)") from None
+    if size <= 0:
+        raise click.BadParameter(f"{value!r} is not a positive size")
+    return size
+
+
+def _destination(ctx, param, value):
+    from xray_edge.serve.report_sr import parse_destination
+
+    try:
+        return parse_destination(value) if value else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.option("--model", "-m", default="artifacts", show_default=True, help=_MODEL_HELP)
+@click.option("--file", "file_name", default=None, help="Which file of the artifacts folder.")
+@backend_option
+@threads_option
+@click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for received films, results.jsonl, quarantine/ and outbox/ (the only place written).")
+@click.option("--watch", "watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Take each complete file a viewer writes into this folder (originals are not changed).")
+@click.option("--watch-settle", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Seconds a watched file must stay unchanged before it is taken.")
+@click.option("--dicom-port", type=click.IntRange(1, 65535), default=None, help="Listen for DICOM C-STORE/C-ECHO on this port.")
+@click.option("--ae-title", default="XRAY_EDGE", show_default=True, help="Our AE title.")
+@click.option("--allow-ae", default="", help="Comma-separated calling AE titles allowed (default: any).")
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--forward", default=None, callback=_destination,
+              help="Send each DICOM report (Basic Text SR) to AE@host:port too.")
+@click.option("--max-spool", default=None, callback=_size,
+              help="Refuse new films (DICOM status 0xA700) once waiting films take this much (e.g. 2G).")
+@click.option("--log-phi", is_flag=True, help="Write patient name, ID and birth date into results.jsonl.")
+@click.option("--threshold", type=float, default=None, callback=_probability,
+              help="Override the operating point (default: site.json, else the manifest's).")
+@click.option("--exit-when-idle", is_flag=True, help="Classify what the spool holds, then exit (no receivers needed).")
+def serve(model, file_name, backend, threads, spool_dir, watch_dir, watch_settle, dicom_port, ae_title, allow_ae, bind,
+          forward, max_spool, log_phi, threshold, exit_when_idle):
+    """Run unattended: receive films, classify each, write results, reports and drift warnings.
+
+    \b
+    Films arrive by DICOM (--dicom-port) and/or a folder (--watch); each is made durable in
+    --spool before it is acknowledged, classified like `classify` (same model, manifest and
+    site.json), and gets one line in SPOOL/results.jsonl. Unreadable films go to SPOOL/quarantine/
+    with a reason; DICOM films get a Basic Text SR in SPOOL/outbox/. SIGTERM finishes the current
+    film and exits 0; after a crash, films without a result are classified on restart, once.
+
+    \b
+    Examples:
+      xray-edge serve --model artifacts --spool /var/lib/xray-edge --dicom-port 11112
+      xray-edge serve --model artifacts --spool spool --watch /srv/viewer-export
+      xray-edge status --spool /var/lib/xray-edge
+    """
+    from xray_edge.serve.receive import ScpConfig
+    from xray_edge.serve.service import Receivers, serve as run_service
+    from xray_edge.serve.worker import ServeConfig
+
+    if dicom_port is None and watch_dir is None and not exit_when_idle:
+        raise click.UsageError("give --dicom-port N and/or --watch DIR (or --exit-when-idle)")
+    if (dicom_port is not None or forward) and importlib.util.find_spec("pynetdicom") is None:
+        raise ToolError("DICOM networking needs the extra: pip install 'xray-edge[serve]'")
+    if not 0 < len(ae_title.strip()) <= 16:
+        raise click.BadParameter("an AE title has 1 to 16 characters", param_hint="--ae-title")
+    allowed = tuple(a.strip() for a in allow_ae.split(",") if a.strip())
+    with tool_errors():
+        clf, loaded, source = _open_classifier(model, file_name, backend, threads, threshold)
+    receivers = Receivers(
+        dicom=ScpConfig(dicom_port, ae_title.strip(), bind, allowed) if dicom_port is not None else None,
+        watch=watch_dir, watch_settle=watch_settle)
+    cfg = ServeConfig(our_ae=ae_title.strip(), forward=forward, log_phi=log_phi, stop_when_idle=exit_when_idle,
+                      workers=min(2, os.cpu_count() or 1))
+    try:
+        code = run_service(spool_dir, clf, loaded, source, receivers, cfg, max_spool)
+    except OSError as exc:
+        raise ToolError(f"{getattr(exc, 'filename', None) or spool_dir}: {exc.strerror or exc}") from None
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--spool", "spool_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True)
+def status(spool_dir, as_json):
+    """Films received, classified, quarantined, rates per label, last film, drift state of a spool."""
+    from xray_edge.serve.status import format_status, spool_status
+
+    s = spool_status(spool_dir)
+    click.echo(json.dumps(s, indent=1) if as_json else format_status(s))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -79,6 +79,12 @@ class Manifest:
     schema: int = SCHEMA_VERSION
 
     @property
+    def validation_scores(self) -> dict:
+        """The validation split's score quantiles (export), for the service's drift check; {} if none."""
+        v = self.operating_point.get("validation_scores")
+        return v if isinstance(v, dict) else {}
+
+    @property
     def synthetic(self) -> bool:
         return bool(self.training.get("synthetic", False))
 

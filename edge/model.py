@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_edge.backends import choose_backend, open_backend
+from xray_edge.backends import choose_backend, open_backend, read_model_bytes
 from xray_edge.errors import ModelError, first_line
 from xray_edge.files import MAX_MODEL_BYTES, read_regular
 from xray_edge.manifest import MANIFEST_NAME, FileEntry, Manifest, check_digest, read_manifest
@@ -84,14 +84,6 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
     if not np.all(np.isfinite(y)):
         raise ModelError(f"{resolved.path}: gives a non-finite output ({y.tolist()[:4]}) on a blank image")
     return LoadedModel(resolved, be, info, sha, first_ms)
-
-
-def read_model_bytes(path: Path) -> bytes:
-    """The file's bytes; a FIFO, a device (a symlink to /dev/zero) or a huge file is refused."""
-    try:
-        return read_regular(path, MAX_MODEL_BYTES)
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
 
 
 def check_fit(path: Path, backend, info: ModelInfo) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from xray_edge import metrics
 from xray_edge.preprocess import Preprocessing, load_images
+from xray_edge.serve.drift import score_distribution
 from xray_edge.training_record import TrainingRecord
 
 DEFAULT_TARGET_SENSITIVITY = 0.95
@@ -51,4 +52,6 @@ def choose_threshold(model, record: TrainingRecord | None, spec: Preprocessing, 
         "target_sensitivity": target,
         "validation_sensitivity": rep["sensitivity"],
         "validation_specificity": rep["specificity"],
+        # P(labels[1]) on the validation split, as quantiles: the service's drift reference
+        "validation_scores": score_distribution(probs[:, -1]),
     }
