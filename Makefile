@@ -49,7 +49,7 @@ $(BIN)/.gpu: $(BIN)/.gpu-answer $(BIN)/.installed
 	@extra=$$($(BIN)/python -m xray_edge.train.device --pip-extra --answer $(BIN)/.gpu-answer) || exit 1; \
 	if [ -z "$$extra" ]; then touch $@; \
 	else echo "NVIDIA GPU found: installing xray-edge[$$extra] (JAX with CUDA) for training"; \
-	  if $(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,test,$$extra]"; then touch $@; \
+	  if $(BIN)/pip install -q --disable-pip-version-check -e ".[export,dicom,serve,test,$$extra]"; then touch $@; \
 	  else echo "warning: could not install xray-edge[$$extra]; training runs on the CPU" >&2; fi; fi
 
 FORCE:
