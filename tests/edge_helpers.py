@@ -38,11 +38,12 @@ def run_as_nobody(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 def onnx_model(path: Path, *, outputs: int = 1, size: int = 200, dtype: str = "uint8",
                labels=("COVID19", "NORMAL"), preprocessing: dict | None = None,
-               nan_above: float | None = None) -> Path:
+               nan_above: float | None = None, center: float | None = None) -> Path:
     """A tiny real ONNX classifier: the mean of the image through a sigmoid (or a softmax over
     the channel means when `outputs` > 1), with the project's metadata embedded. With
     `nan_above`, a sigmoid model answers NaN for images brighter than that mean (sqrt of a
-    negative number)."""
+    negative number). With `center`, the sigmoid is of (mean - center) / 10, so films of
+    ordinary brightness do not all score 1.0."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
@@ -57,6 +58,10 @@ def onnx_model(path: Path, *, outputs: int = 1, size: int = 200, dtype: str = "u
             nodes += [helper.make_node("Sub", ["limit", "f"], ["d"]),
                       helper.make_node("Sqrt", ["d"], ["g"]),
                       helper.make_node("Sigmoid", ["g"], ["prob"])]
+        elif center is not None:
+            nodes += [helper.make_node("Sub", ["f", "center"], ["c"]),
+                      helper.make_node("Div", ["c", "spread"], ["z"]),
+                      helper.make_node("Sigmoid", ["z"], ["prob"])]
         else:
             nodes += [helper.make_node("Sigmoid", ["f"], ["prob"])]
     else:
@@ -65,6 +70,9 @@ def onnx_model(path: Path, *, outputs: int = 1, size: int = 200, dtype: str = "u
                   helper.make_node("Slice", ["t", "starts", "ends", "axes"], ["s"]),
                   helper.make_node("Softmax", ["s"], ["prob"], axis=1)]
     inits = [helper.make_tensor("limit", TensorProto.FLOAT, [], [nan_above])] if nan_above is not None else []
+    if center is not None:
+        inits += [helper.make_tensor("center", TensorProto.FLOAT, [], [center]),
+                  helper.make_tensor("spread", TensorProto.FLOAT, [], [10.0])]
     inits += [] if outputs == 1 else [
         helper.make_tensor("reps", TensorProto.INT64, [2], [1, outputs]),
         helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
