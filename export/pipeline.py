@@ -7,7 +7,7 @@ The steps, each timed and named in any error:
    operating point;
 4. convert each format into a staging folder (`staging`), then prove each file in the runtime
    the device uses, against Keras on the held-out images;
-6. only if every file passed: publish the set, manifest last. Otherwise nothing changes.
+5. only if every file passed: publish the set, manifest last. Otherwise nothing changes.
 """
 
 from __future__ import annotations
@@ -132,9 +132,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     with stage:
         # int8 last: it needs the float32 flatbuffer only, so the Keras model is released first
         for fmt in sorted(formats, key=lambda f: f.name == "int8"):
-            if fmt.name == "int8":
-                source.release(keep_float_tflite=True)
             with steps(f"convert {fmt.name}"):
+                if fmt.name == "int8":
+                    source.release(keep_float_tflite=True)
                 data = fmt.convert(source, cal_images, _embedded(src, fmt))
                 stage.write(fmt.file, cfg.tamper(fmt.name, data) if cfg.tamper else data)
         source.release()  # memory back for the proofs
