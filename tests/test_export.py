@@ -174,7 +174,9 @@ def test_manifest_binds_everything(tiny_artifacts):
         assert entry["sha256"] == sha256_file(tiny_artifacts / name)
         assert entry["size"] == (tiny_artifacts / name).stat().st_size
         assert entry["parity"]["passed"] and entry["parity"]["images"] > 0
-        assert set(entry["seconds"]) == {"convert", "prove"} and min(entry["seconds"].values()) > 0, name
+        # seconds are kept to 0.01 s: a tiny model converts in less
+        assert set(entry["seconds"]) == {"convert", "prove"} and min(entry["seconds"].values()) >= 0, name
+        assert sum(entry["seconds"].values()) > 0, name
     int8 = m["files"]["xray_int8.tflite"]
     assert int8["input"]["dtype"] == "int8" and int8["input"]["quantization"] == [1.0, -128]
     onnx_entry = m["files"]["xray.onnx"]
