@@ -354,20 +354,24 @@ def format_files_table(manifest) -> str:
               help="Test images as DATA/<class>/* or DATA/test/<class>/*. Default: the training's test split.")
 @click.option("--saliency-images", type=click.IntRange(0), default=4, show_default=True,
               help="Test images per class on the saliency page (Grad-CAM and occlusion); 0 skips it.")
+@click.option("--external", multiple=True, callback=lambda c, p, v: _named_folders(v), metavar="NAME=DIR",
+              help="An external set DIR/<class>/* run through every format at the manifest's threshold "
+                   "(repeatable; folders that are no model class get the share called and the mean score).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
-def report(artifacts, data, saliency_images, as_json):
+def report(artifacts, data, saliency_images, external, as_json):
     """Measure every exported format on the same test images; write report.md, report.json, plots.
 
     One row per format, Keras first: size, load time, batch-of-one latency, max |Δp| and flips vs
     Keras, accuracy, ROC AUC, sensitivity and specificity with 95% Wilson intervals, at the
-    manifest's operating point and at 0.5.
+    manifest's operating point and at 0.5; then the test split per data source and each --external
+    set at the manifest's operating point, for every format through its edge runtime.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from xray_edge.export.report import render
     from xray_edge.export.report.build import build_report
 
     with tool_errors():
-        rep = build_report(artifacts, data, saliency_per_class=saliency_images)
+        rep = build_report(artifacts, data, saliency_per_class=saliency_images, external=external)
     render.write(rep, artifacts)
     if as_json:
         click.echo(json.dumps(rep, indent=2))

@@ -178,7 +178,7 @@ def operating_point(y_pos: np.ndarray, probs: np.ndarray, pos: int, target: floa
     rep = decision_report(y, called)
     point = {"threshold": float(thr), "chosen_on": chosen_on, "rule": "threshold_for_sensitivity",
              "target_sensitivity": target, "positives": int(y.sum()), "negatives": int((~y).sum()),
-             "sensitivity": rep["sensitivity"], "specificity": rep["specificity"]}
+             "validation_sensitivity": rep["sensitivity"], "validation_specificity": rep["specificity"]}
     need = min_positives(target)
     if y.sum() < need:
         point["warning"] = (f"chosen on {int(y.sum())} positives: a sensitivity target of {target} needs "
