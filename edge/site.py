@@ -196,7 +196,8 @@ def calibrate_model(loaded, site: Path, target: float) -> tuple[SiteCalibration,
     """`calibrate` with a model from `xray_edge.model.open_model`; the record for its folder."""
     info = loaded.info
     manifest = loaded.resolved.manifest
-    pos = metrics.positive_index(info.labels, manifest.positive_class if manifest else None)
+    named = manifest.positive_class if manifest else None
+    pos = metrics.positive_index(info.labels, named if named in info.labels else None)
     thr, figures, counts, errors = calibrate(loaded.backend.predict, info.labels, pos,
                                              info.preprocessing, site, info.threshold, target)
     rec = SiteCalibration(

@@ -132,7 +132,9 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
         t_decoded = time.perf_counter()
         devices = _choose_devices(cfg, log)
         weights = balance_weights(decoded["train"].labels, decoded["train"].split.sources, cfg.balance)
-        model, history, best, clock = _train_model(decoded, len(ds.classes), cfg, len(devices.names), weights)
+        # all-equal weights (balanced classes) train on the unweighted path, as before
+        model, history, best, clock = _train_model(decoded, len(ds.classes), cfg, len(devices.names),
+                                                   None if np.all(weights == 1) else weights)
         t_trained = time.perf_counter()
         val = _check_validation(model, decoded["validation"], pos, cfg.batch_size, len(devices.names))
         point = _operating_point(val, decoded["validation"], ds.classes, pos, cfg.target_sensitivity, log)
