@@ -391,18 +391,21 @@ def fit_model(model: keras.Model, decoded: dict[str, SplitData], cfg: TrainConfi
 
     Batches stream from the decoded stores, shuffled per epoch from `cfg.seed`; with
     `n_devices` > 1 (set up by `device.training_devices`) they are split across the devices.
+    With `weights` (per training image), validation is weighted by the same rule (`cfg.balance`).
 
     Returns:
         (history dict, BestWeights (call `.restore()`), EpochClock).
     """
     trainer = training_model(model, cfg)
     tr, val = decoded["train"], decoded["validation"]
+    # validation weighted as training is, so the best epoch is chosen on the balanced accuracy
+    val_w = balance_weights(val.labels, val.split.sources, cfg.balance) if weights is not None else None
     best, clock = BestWeights(model), EpochClock()
     history = trainer.fit(
         Batches(tr.images.store, tr.images.ok, tr.labels, cfg.batch_size, seed=cfg.seed, devices=n_devices,
                 weights=weights),
         validation_data=Batches(val.images.store, val.images.ok, val.labels, cfg.batch_size,
-                                devices=n_devices),
+                                devices=n_devices, weights=val_w),
         epochs=cfg.epochs, shuffle=False, verbose=cfg.verbose,
         callbacks=[clock, best, keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                                               patience=cfg.patience)],

@@ -107,9 +107,12 @@ def main(argv=None) -> int:
     results = args.work / "results.jsonl"
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.candidates.split(",")
+    done = {(r["candidate"], r["seed"], r["epochs"]) for r in _rows(results)}
     with open(args.work / "study.log", "a") as log:
         for seed in seeds:  # seed-major: whatever finishes compares candidates pairwise
             for name in names:
+                if (name, seed, args.epochs) in done:
+                    continue  # measured by an earlier call
                 out = args.work / f"{name}_s{seed}"
                 cmd = [exe, "train", "--data", str(args.shared / "chest-xray-small"), "--data", str(nih_train),
                        "--classes", "COVID19,NORMAL", "--external", f"nih={nih_ext}",
@@ -128,8 +131,12 @@ def main(argv=None) -> int:
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
-    print(table([json.loads(line) for line in open(results)]))
+    print(table([r for r in _rows(results) if r["epochs"] == args.epochs and r["candidate"] in names]))
     return 0
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)] if path.exists() else []
 
 
 def table(rows: list[dict]) -> str:
