@@ -50,7 +50,10 @@ def test_report_rows_and_columns_filled(shared_artifacts):
             assert 0 <= lo <= at["sensitivity"]["value"] <= hi <= 1
     assert rep["rows"][0]["max_abs_diff_vs_keras"] == 0.0 and rep["rows"][0]["at_0.5"]["flips_vs_keras"] == 0
     md = (shared_artifacts / "report.md").read_text()
-    assert "Not a medical device" in md and md.count("| keras") == 2
+    formats_part, per_source = md.split("## Test split per data source")
+    assert "Not a medical device" in md and formats_part.count("| keras") == 2
+    assert per_source.count("| keras") == 2  # one source, its two class folders
+    assert set(rep["sources"]) == {"chest-xray-small"}
     for png in ("report_roc.png", "report_confusion.png", "report_calibration.png"):
         assert (shared_artifacts / png).stat().st_size > 5000
 
