@@ -125,10 +125,17 @@ def main() -> None:
 def train(data, classes, external, balance, target_sensitivity, photometric, border_erase, out, epochs,
           batch_size, learning_rate, val_fraction, patience, zoom, no_flip, seed,
           positive_class, phantom_size, cache_dir, backend, devices, precision, as_json):
-    """Train the tutorial's CNN on a folder of chest X-rays.
+    """Train the tutorial's CNN on one or more folders of chest X-rays.
 
-    Writes model.keras (best epoch), history.json, training.png, samples.png, metrics.json
-    and roc.png (test split) to --out. Needs the training extra: pip install 'xray-edge[train]'.
+    Writes model.keras (best epoch), training.json (sources, splits, the operating point chosen
+    on validation), history.json, training.png, samples.png, metrics.json and roc.png to --out.
+    metrics.json holds the test split at the operating point, per source under `sources`, and
+    each --external set under `external`. Needs the training extra: pip install 'xray-edge[train]'.
+
+    \b
+    Example (two sources, two external sets):
+      xray-edge train --data covid_set --data hospital_normals --classes COVID19,NORMAL \\
+        --external nih=nih-adult --external figure1=figure1-covid
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from xray_edge.train import launch
