@@ -14,12 +14,13 @@ TFLITE_VENV := .venv-tflite
 
 BENCH_IMAGES ?= 20000
 
-.PHONY: FORCE help install train export report test pi-test bench bench-train bench-data gate-eval data clean
+.PHONY: FORCE help install train export report study test pi-test bench bench-train bench-data gate-eval data clean
 
 help:
-	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline)"
+	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline); DATA=\"A B\": two sources"
 	@echo "make export                          TFLite float32 + int8 and ONNX, proven vs Keras"
 	@echo "make report                          per-format table: size, speed, parity, clinical figures"
+	@echo "make study [STUDY_ARGS=...]          the recipe study of docs/training.md (needs ../shared/data)"
 	@echo "make test                            the test suite (what CI runs)"
 	@echo "make pi-test                         classify on arm64 Debian 12 under qemu, compare with host"
 	@echo "make bench | bench-train             speed figures for the edge runner / training"
@@ -55,13 +56,19 @@ $(BIN)/.gpu: $(BIN)/.gpu-answer $(BIN)/.installed
 FORCE:
 
 train: $(BIN)/.gpu
-	XRAY_EDGE_SMI_ANSWER=$(BIN)/.gpu-answer $(BIN)/xray-edge train $(if $(DATA),--data "$(DATA)") --epochs $(EPOCHS) --out "$(OUT)" $(TRAIN_ARGS)
+	XRAY_EDGE_SMI_ANSWER=$(BIN)/.gpu-answer $(BIN)/xray-edge train $(foreach d,$(DATA),--data "$(d)") --epochs $(EPOCHS) --out "$(OUT)" $(TRAIN_ARGS)
 
 export: $(BIN)/.installed
 	$(BIN)/xray-edge export --model "$(OUT)/model.keras" $(EXPORT_ARGS)
 
 report: $(BIN)/.installed
-	$(BIN)/xray-edge report --artifacts "$(OUT)"
+	$(BIN)/xray-edge report --artifacts "$(OUT)" $(REPORT_ARGS)
+
+# The recipe study of docs/training.md (needs ../shared/data): candidates x seeds, one table.
+SHARED ?= ../shared/data
+STUDY_ARGS ?=
+study: $(BIN)/.installed
+	$(BIN)/python tests/tools/recipe_study.py --shared "$(SHARED)" $(STUDY_ARGS)
 
 # tflite-runtime 2.14 needs numpy<2 and Python <= 3.11: it gets its own environment, with the
 # edge package only (no TensorFlow), exactly as on a device.

@@ -94,9 +94,28 @@ def main() -> None:
 
 # --------------------------------------------------------------------------- train
 @main.command()
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Dataset root with train/<class>/* (and optionally test/<class>/*). "
+@click.option("--data", type=click.Path(path_type=Path), multiple=True,
+              help="A data source: ROOT/train/<class>/* (and optionally ROOT/test/<class>/*) or ROOT/<class>/*; "
+                   "repeat for several sources (validation and test are stratified by source and class; "
+                   "ROOT/labels.csv with file,patient keeps a patient's films on one side). "
                    "Default: generate the synthetic phantom set in data/phantom.")
+@click.option("--classes", default=None,
+              help="Comma-separated classes to train, e.g. COVID19,NORMAL; other folders are left out "
+                   "and a source may hold only some. Default: every class folder found.")
+@click.option("--external", multiple=True, callback=lambda c, p, v: _named_folders(v), metavar="NAME=DIR",
+              help="An external set DIR/<class>/* measured after training at the chosen threshold; it "
+                   "chooses nothing (repeatable; one class is enough; other folders such as PNEUMONIA "
+                   "get the share called and the mean score).")
+@click.option("--balance", type=click.Choice(["none", "class", "source-class"]), default="class",
+              show_default=True, help="Sample weights: every class the same weight in the loss, or every "
+                                      "class and within it every source.")
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+              show_default=True, help="The operating point: the threshold reaching this sensitivity for the "
+                                      "disease class on validation, used by every figure and by export.")
+@click.option("--photometric", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
+              help="Contrast, gamma and noise augmentation strength (0: off).")
+@click.option("--border-erase", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Chance per training image of blanking an outer band where markers sit (0: off).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
               help="Output folder for model.keras, metrics and plots.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
@@ -126,37 +145,42 @@ def main() -> None:
               show_default=True, help="mixed_bfloat16 computes in bfloat16 (faster on recent GPUs); "
                                       "variables and the saved model stay float32.")
 @click.option("--json", "as_json", is_flag=True, help="Print the test metrics as JSON.")
-def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, zoom, no_flip, seed,
+def train(data, classes, external, balance, target_sensitivity, photometric, border_erase, out, epochs,
+          batch_size, learning_rate, val_fraction, patience, zoom, no_flip, seed,
           positive_class, phantom_size, cache_dir, backend, devices, precision, as_json):
-    """Train the tutorial's CNN on a folder of chest X-rays.
+    """Train the tutorial's CNN on one or more folders of chest X-rays.
 
-    Writes model.keras (best epoch), history.json, training.png, samples.png, metrics.json
-    and roc.png (test split) to --out. Needs the training extra: pip install 'xray-edge[train]'.
+    Writes model.keras (best epoch), training.json (sources, splits, the operating point chosen
+    on validation), history.json, training.png, samples.png, metrics.json and roc.png to --out.
+    metrics.json holds the test split at the operating point, per source under `sources`, and
+    each --external set under `external`. Needs the training extra: pip install 'xray-edge[train]'.
+
+    \b
+    Example (two sources, two external sets):
+      xray-edge train --data covid_set --data hospital_normals --classes COVID19,NORMAL \\
+        --external nih=nih-adult --external figure1=figure1-covid
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from xray_edge.train import device
-    from xray_edge.train.dataset import discover
+    from xray_edge.train import launch
+    from xray_edge.train.dataset import discover, external_sets
 
+    class_list = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
     with tool_errors():
-        if data is None:
-            from xray_edge.train.phantom import generate_phantoms
-
-            # 50 test phantoms per class: with validation, 140 parity images, so the int8 gate
-            # (at most 1% of decisions flip) is not decided by a single borderline image
-            data = generate_phantoms(Path("data/phantom"), n_train=phantom_size, n_test=max(2, phantom_size // 2))
-            click.echo(f"no --data: using synthetic phantoms in {data}", err=True)
-        discover(data)  # a bad dataset fails here, in a second, before Keras is even imported
+        if not data:
+            data = (launch.default_phantoms(phantom_size),)
+            click.echo(f"no --data: using synthetic phantoms in {data[0]}", err=True)
+        # a bad dataset fails here, in a second, before Keras is even imported
+        discover(list(data), list(class_list) if class_list else None)
+        external_sets(external)
         from xray_edge.train.outputs import check_out
 
         check_out(out)  # so does an --out that cannot take the files (not after training)
     # nvidia-smi is asked once per run, for a few seconds at most: make train hands on its answer
-    answer = os.environ.get("XRAY_EDGE_SMI_ANSWER")
-    answer = (device.read_answer(Path(answer)) if answer else None) or device.query_gpus()
+    answer = launch.gpu_answer(os.environ.get("XRAY_EDGE_SMI_ANSWER"))
     if answer.problem:
         _log_line(f"warning: {answer.problem}; training without a GPU")
     gpus = list(answer.gpus)
-    chosen = device.choose_backend(None if backend == "auto" else backend, os.environ.get("KERAS_BACKEND"),
-                                   gpus, device.jax_cuda_installed())
+    chosen = launch.keras_backend(None if backend == "auto" else backend, os.environ.get("KERAS_BACKEND"), gpus)
     if chosen:
         os.environ["KERAS_BACKEND"] = chosen  # read once, when Keras is first imported (next line)
     try:
@@ -165,7 +189,9 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
     except ImportError as exc:
         raise ToolError(f"training needs the extra: pip install 'xray-edge[train]' ({exc.name} missing)") from None
     with tool_errors():
-        cfg = TrainConfig(data=data, out=out, epochs=epochs, batch_size=batch_size,
+        cfg = TrainConfig(data=data if len(data) > 1 else data[0], classes=class_list, external=external,
+                          balance=balance, target_sensitivity=target_sensitivity,
+                          photometric=photometric, border=border_erase, out=out, epochs=epochs, batch_size=batch_size,
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
                           zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
                           cache_dir=cache_dir or _default_cache_dir(), precision=precision,
@@ -183,13 +209,51 @@ def train(data, out, epochs, batch_size, learning_rate, val_fraction, patience, 
     rec = result.record
     click.echo(f"\nsaved {result.model_path} (best epoch {rec.best_epoch} of {rec.epochs_run}; "
                f"{rec.seconds['total']:.0f} s)")
-    click.echo(f"test split ({m['source']}): n={m['n']} accuracy={m['accuracy']:.3f}"
-               + (f" ROC AUC={m['roc_auc']:.3f} sensitivity={m['sensitivity']['value']:.3f} "
-                  f"specificity={m['specificity']['value']:.3f} ({m['positive_class']} positive)"
-                  if "roc_auc" in m else ""))
+    op = m.get("operating_point") or {}
+    if op.get("threshold") is not None:
+        click.echo(f"operating point: P({m['classes'][1]}) >= {op['threshold']:.4f} ({op['chosen_on']}, "
+                   f"{op.get('positives', '?')} {m['positive_class']}; target sensitivity "
+                   f"{op.get('target_sensitivity')})")
+    click.echo(f"test split ({m['source']}): {_test_line(m)}")
+    if len(m.get("sources", {})) > 1:
+        for name, s in m["sources"].items():
+            click.echo(f"  source {name}: {_test_line(s)}")
+    for name, e in m.get("external", {}).items():
+        click.echo(f"external {name}: {_external_line(e)}")
     if rec.synthetic:
         click.secho("SYNTHETIC DATA: these figures say the pipeline works, nothing about X-rays.",
                     fg="yellow", err=True)
+
+
+def _test_line(m: dict) -> str:
+    """n, accuracy and, for two classes, ROC AUC, sensitivity, specificity at the operating point."""
+    line = f"n={m['n']} accuracy={m['accuracy']:.3f}"
+    if m.get("roc_auc") is not None:  # None: a split with one class (metrics.json says why)
+        line += (f" ROC AUC={m['roc_auc']:.3f} sensitivity={m['sensitivity']['value']:.3f} "
+                 f"specificity={m['specificity']['value']:.3f} at threshold {m['threshold']:.4f}")
+    return line
+
+
+def _external_line(e: dict) -> str:
+    parts = []
+    for name, f in e["folders"].items():
+        called = ", ".join(f"{v:.0%} {c}" for c, v in f["called"].items())
+        auc = [f"ROC AUC vs {k[len('roc_auc_vs_'):]} {v:.3f}" for k, v in f.items() if k.startswith("roc_auc_vs_")]
+        parts.append(f"{name} {f['n']}: called {called}" + (f" ({auc[0]})" if auc else ""))
+    if "roc_auc" in e:
+        parts.append(f"ROC AUC {e['roc_auc']:.3f}")
+    return "; ".join(parts)
+
+
+def _named_folders(values) -> tuple:
+    """NAME=DIR pairs of --external."""
+    out = []
+    for v in values:
+        name, sep, folder = v.partition("=")
+        if not sep or not name or not folder:
+            raise click.BadParameter(f"{v!r}: expected NAME=DIR, e.g. nih=../shared/data/nih-adult")
+        out.append((name, Path(folder)))
+    return tuple(out)
 
 
 def _devices_option(value: str):
@@ -325,20 +389,24 @@ def format_files_table(manifest) -> str:
               help="Test images as DATA/<class>/* or DATA/test/<class>/*. Default: the training's test split.")
 @click.option("--saliency-images", type=click.IntRange(0), default=4, show_default=True,
               help="Test images per class on the saliency page (Grad-CAM and occlusion); 0 skips it.")
+@click.option("--external", multiple=True, callback=lambda c, p, v: _named_folders(v), metavar="NAME=DIR",
+              help="An external set DIR/<class>/* run through every format at the manifest's threshold "
+                   "(repeatable; folders that are no model class get the share called and the mean score).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
-def report(artifacts, data, saliency_images, as_json):
+def report(artifacts, data, saliency_images, external, as_json):
     """Measure every exported format on the same test images; write report.md, report.json, plots.
 
     One row per format, Keras first: size, load time, batch-of-one latency, max |Δp| and flips vs
     Keras, accuracy, ROC AUC, sensitivity and specificity with 95% Wilson intervals, at the
-    manifest's operating point and at 0.5.
+    manifest's operating point and at 0.5; then the test split per data source and each --external
+    set at the manifest's operating point, for every format through its edge runtime.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from xray_edge.export.report import render
     from xray_edge.export.report.build import build_report
 
     with tool_errors():
-        rep = build_report(artifacts, data, saliency_per_class=saliency_images)
+        rep = build_report(artifacts, data, saliency_per_class=saliency_images, external=external)
     render.write(rep, artifacts)
     if as_json:
         click.echo(json.dumps(rep, indent=2))

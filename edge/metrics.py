@@ -139,3 +139,106 @@ def output_threshold_for_sensitivity(y_pos: np.ndarray, probs: np.ndarray, pos: 
     """
     t_pos = threshold_for_sensitivity(y_pos, positive_score(probs, pos), target)
     return float(t_pos if pos == 1 else 1.0 - t_pos)
+
+
+def positive_index(classes, named: str | None = None) -> int:
+    """The disease (positive) class of binary figures: the one rule, for train, export, report, calibrate.
+
+    `named` when given; else the one class not named NORMAL when there is exactly one; else
+    labels[0] (the tutorial's COVID19).
+
+    Raises:
+        ValueError: `named` is not one of `classes`.
+    """
+    classes = list(classes)
+    if named is not None:
+        if named not in classes:
+            raise ValueError(f"positive class {named!r} is not one of {classes}")
+        return classes.index(named)
+    others = [i for i, c in enumerate(classes) if c.upper() != "NORMAL"]
+    return others[0] if len(others) == 1 else 0
+
+
+def min_positives(target: float) -> int:
+    """Positives needed before a sensitivity target means anything: one miss moves it by 1 - target."""
+    return math.ceil(1 / (1 - target) - 1e-9) if target < 1 else 1 << 30
+
+
+def operating_point(y_pos: np.ndarray, probs: np.ndarray, pos: int, target: float, chosen_on: str) -> dict:
+    """The threshold on P(labels[1]) for `target` sensitivity on these cases, and how sure it is.
+
+    The record every later figure reads (training.json, then the manifest): threshold, the
+    cases it was chosen on, the figures there, and a warning when the positives are too few for
+    the target (`min_positives`).
+    """
+    y = np.asarray(y_pos, bool)
+    probs = np.asarray(probs, np.float64).reshape(len(y), -1)
+    thr = output_threshold_for_sensitivity(y, probs, pos, target)
+    called = (probs[:, 0] >= thr) if pos == 1 else (probs[:, 0] < thr)
+    rep = decision_report(y, called)
+    point = {"threshold": float(thr), "chosen_on": chosen_on, "rule": "threshold_for_sensitivity",
+             "target_sensitivity": target, "positives": int(y.sum()), "negatives": int((~y).sum()),
+             "validation_sensitivity": rep["sensitivity"], "validation_specificity": rep["specificity"],
+             # P(labels[1]) on these cases, as quantiles: the service's drift reference
+             "validation_scores": score_distribution(probs[:, -1])}
+    need = min_positives(target)
+    if y.sum() < need:
+        point["warning"] = (f"chosen on {int(y.sum())} positives: a sensitivity target of {target} needs "
+                            f"at least {need} (one missed case moves it by {1 / max(1, y.sum()):.0%}); "
+                            "add positives to the validation split or lower the target")
+    return point
+
+
+def set_figures(folder_of: np.ndarray, folders: list[str], probs: np.ndarray, classes, pos: int,
+                threshold: float) -> dict:
+    """Figures of one labelled set (a test source, an external set) at the shipped threshold.
+
+    Args:
+        folder_of: index into `folders` per image.
+        folders: the set's folder names: model classes, or others (e.g. PNEUMONIA).
+        probs: the model's [N, 1] sigmoid outputs, P(labels[1]).
+        threshold: the decision threshold on P(labels[1]), as the runner applies it.
+    Returns:
+        per folder: films, share called each class, mean score of the positive class, and for a
+        folder that is no model class its ROC AUC against the negative class ("pneumonia vs
+        normal"); sensitivity / specificity with 95% Wilson intervals where the set holds that
+        class; ROC AUC where it holds both.
+    """
+    classes = list(classes)
+    folder_of = np.asarray(folder_of, np.int64)
+    probs = np.asarray(probs, np.float64).reshape(len(folder_of), -1)
+    score = positive_score(probs, pos)
+    called = (probs[:, 0] >= threshold).astype(np.int64)  # index of the class called
+    neg = 1 - pos
+    neg_rows = folder_of == folders.index(classes[neg]) if classes[neg] in folders else np.zeros(len(score), bool)
+    out: dict = {"threshold": threshold, "positive_class": classes[pos], "folders": {}}
+    for f, name in enumerate(folders):
+        rows = folder_of == f
+        if not rows.any():
+            continue
+        entry = {"n": int(rows.sum()),
+                 "called": {c: float((called[rows] == i).mean()) for i, c in enumerate(classes)},
+                 "mean_score": float(score[rows].mean())}
+        if name not in classes and neg_rows.any():
+            both = rows | neg_rows
+            entry[f"roc_auc_vs_{classes[neg]}"] = roc_auc(rows[both], score[both])
+        out["folders"][name] = entry
+    in_model = np.isin(folder_of, [folders.index(c) for c in classes if c in folders])
+    y_pos = np.asarray([folders[f] == classes[pos] for f in folder_of[in_model]], bool)
+    rep = decision_report(y_pos, called[in_model] == pos)
+    if y_pos.any():
+        out["sensitivity"] = rep["sensitivity"]
+    if (~y_pos).any():
+        out["specificity"] = rep["specificity"]
+    if y_pos.any() and (~y_pos).any():
+        out["roc_auc"] = roc_auc(y_pos, score[in_model])
+    return out
+
+
+def score_distribution(scores) -> dict:
+    """What export stores: 101 quantiles (0%, 1%, ..., 100%) of the validation scores and n."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return {}
+    return {"n": int(s.size), "quantiles": [round(float(q), 6) for q in np.quantile(s, np.linspace(0, 1, 101))]}

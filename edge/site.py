@@ -22,8 +22,8 @@ from xray_edge import metrics
 from xray_edge.classify import predicted_classes
 from xray_edge.errors import ModelError, XrayEdgeError, first_line
 from xray_edge.files import atomic_write_json, check_schema, read_json_record
+from xray_edge.folders import walk_classes
 from xray_edge.gate import DEFAULT_RULES, GateRules, loader
-from xray_edge.inputs import walk_images
 from xray_edge.manifest import check_sha256, check_threshold
 from xray_edge.preprocess import Preprocessing, load_images
 
@@ -123,14 +123,8 @@ def find_site_images(root: Path, classes: tuple[str, ...]) -> SiteImages:
     """SITE/<class>/* for each of the model's classes (recursive, as classify walks folders)."""
     if not root.is_dir():
         raise XrayEdgeError(f"{root}: not a folder (expected {root}/<class>/* for {', '.join(classes)})")
-    paths, labels = [], []
-    for i, c in enumerate(classes):
-        found = list(walk_images(root / c)) if (root / c).is_dir() else []
-        paths += found
-        labels += [i] * len(found)
-    ignored = sorted(p.name for p in root.iterdir()
-                     if p.is_dir() and p.name not in classes and not p.name.startswith("."))
-    return SiteImages(paths, np.asarray(labels, dtype=np.int64), ignored)
+    found = walk_classes(root, list(classes))
+    return SiteImages(found.paths, found.labels, found.ignored)
 
 
 def split_half(y_pos: np.ndarray, probs: np.ndarray, pos: int, target: float,
@@ -183,14 +177,6 @@ def choose(y: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], pos: int,
     return thr, figures
 
 
-def positive_index(classes: tuple[str, ...], named: str | None) -> int:
-    """The disease class: the one the manifest names, else (as training) the one not named NORMAL."""
-    if named in classes:
-        return classes.index(named)
-    others = [i for i, c in enumerate(classes) if c.upper() != "NORMAL"]
-    return others[0] if len(others) == 1 else 0
-
-
 def calibrate(predict, classes: tuple[str, ...], pos: int, spec: Preprocessing, site: Path,
               previous: float | None, target: float, rules: GateRules = DEFAULT_RULES,
               ignored: list | None = None) -> tuple[float, dict, dict, list[str]]:
@@ -234,7 +220,8 @@ def calibrate_model(loaded, site: Path, target: float,
     """`calibrate` with a model from `xray_edge.model.open_model`; the record for its folder."""
     info = loaded.info
     manifest = loaded.resolved.manifest
-    pos = positive_index(info.labels, manifest.positive_class if manifest else None)
+    named = manifest.positive_class if manifest else None
+    pos = metrics.positive_index(info.labels, named if named in info.labels else None)
     ignored: list[str] = []
     thr, figures, counts, errors = calibrate(loaded.backend.predict, info.labels, pos,
                                              info.preprocessing, site, info.threshold, target, rules,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xray_edge.errors import XrayEdgeError
 from xray_edge.files import atomic_write_json, check_schema, read_json_record, sha256_file
+from xray_edge.metrics import positive_index
 from xray_edge.preprocess import DEFAULT, Preprocessing
 
 TRAINING_RECORD_NAME = "training.json"
@@ -42,11 +43,27 @@ class TrainingRecord:
     devices: list[str] = field(default_factory=list)  # what trained, e.g. ["cuda:0 NVIDIA H100"]
     precision: str = "float32"  # or mixed_bfloat16 (the saved model is float32 either way)
     model_sha256: str | None = None
+    # each data source: name, root, layout, patients (grouped by labels.csv), counts split -> class -> n
+    sources: list = field(default_factory=list)
+    file_sources: dict[str, list[int]] = field(default_factory=dict)  # split -> source index per file
+    operating_point: dict = field(default_factory=dict)  # chosen on validation at training
+    balance: dict = field(default_factory=dict)  # how class/source imbalance was weighted
     schema: int = SCHEMA_VERSION
 
     @property
     def positive_index(self) -> int:
-        return self.classes.index(self.positive_class) if self.positive_class in self.classes else 0
+        return positive_index(self.classes, self.positive_class if self.positive_class in self.classes else None)
+
+    def split_sources(self, name: str) -> tuple[list[Path], list[int], list[int]]:
+        """(paths, class indices, source indices) of a split's files that exist; source -1 if unknown."""
+        paths, labels = self.files.get(name, []), self.labels.get(name, [])
+        srcs = self.file_sources.get(name, [])
+        if len(labels) != len(paths):
+            labels = [-1] * len(paths)
+        if len(srcs) != len(paths):
+            srcs = [-1] * len(paths)
+        rows = [(Path(p), y, s) for p, y, s in zip(paths, labels, srcs) if Path(p).exists()]
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
     def split(self, name: str, existing_only: bool = True) -> tuple[list[Path], list[int]]:
         """(paths, class indices) of a split; files that no longer exist are left out."""
@@ -68,6 +85,8 @@ class TrainingRecord:
             "keras": self.keras, "machine": self.machine, "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run, "validation": self.validation, "seconds": self.seconds,
             "devices": self.devices, "precision": self.precision, "model_sha256": self.model_sha256,
+            "sources": self.sources, "file_sources": self.file_sources,
+            "operating_point": self.operating_point, "balance": self.balance,
         }
 
     @classmethod

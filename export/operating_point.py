@@ -1,8 +1,11 @@
-"""The decision threshold a clinic uses: chosen on the validation split for a target sensitivity.
+"""The decision threshold a clinic uses: the one chosen at training, on the validation split.
 
-Accuracy at 0.5 is not an operating point. For a sigmoid model we pick the threshold at which the
-disease (positive) class reaches the target sensitivity on the validation images, then express
-it on the model's output, P(labels[1]), which is what the runner compares.
+Accuracy at 0.5 is not an operating point. Training picks the threshold at which the disease
+(positive) class reaches the target sensitivity on the validation images (`metrics.operating_point`,
+on the model's output P(labels[1]), which is what the runner compares) and stores it in
+training.json; export reuses it, so the manifest ships the threshold every training figure was
+measured at. Only a record without one (older trainings) or another target makes export choose
+again, with the same rule on the same split.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import numpy as np
 
 from xray_edge import metrics
 from xray_edge.preprocess import Preprocessing, load_images
-from xray_edge.serve.drift import score_distribution
 from xray_edge.training_record import TrainingRecord
 
 DEFAULT_TARGET_SENSITIVITY = 0.95
@@ -27,6 +29,9 @@ def choose_threshold(model, record: TrainingRecord | None, spec: Preprocessing, 
     largely the validation split); only the others are decoded and predicted here.
     Falls back to 0.5, saying why, when there is no labelled validation split to choose on.
     """
+    stored = (record.operating_point or {}) if record else {}
+    if stored.get("threshold") is not None and stored.get("target_sensitivity") == target:
+        return float(stored["threshold"]), {**stored, "chosen_on": f"training.json: {stored.get('chosen_on')}"}
     paths, labels = record.split("validation") if record else ([], [])
     if record is None or len(record.classes) != 2 or not paths or -1 in labels:
         return 0.5, {"threshold": 0.5, "chosen_on": "default 0.5 (no labelled validation split in training.json)"}
@@ -41,17 +46,5 @@ def choose_threshold(model, record: TrainingRecord | None, spec: Preprocessing, 
     if y.sum() == 0 or (~y).sum() == 0:
         return 0.5, {"threshold": 0.5, "chosen_on": "default 0.5 (validation split lacks a class)"}
     probs = np.asarray([by_path[paths[i]] for i in ok], dtype=np.float64).reshape(len(ok), -1)
-    score = metrics.positive_score(probs, pos)
-    threshold = metrics.output_threshold_for_sensitivity(y, probs, pos, target)  # as calibrate
-    t_pos = threshold if pos == 1 else 1.0 - threshold
-    rep = metrics.binary_report(y, score, t_pos)
-    return float(threshold), {
-        "threshold": float(threshold),
-        "chosen_on": f"validation split, {len(y)} images",
-        "positive_class": classes[pos],
-        "target_sensitivity": target,
-        "validation_sensitivity": rep["sensitivity"],
-        "validation_specificity": rep["specificity"],
-        # P(labels[1]) on the validation split, as quantiles: the service's drift reference
-        "validation_scores": score_distribution(probs[:, -1]),
-    }
+    point = metrics.operating_point(y, probs, pos, target, f"validation split, {len(y)} images")
+    return point["threshold"], {**point, "positive_class": classes[pos]}

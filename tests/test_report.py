@@ -18,7 +18,11 @@ def test_threshold_meets_target_sensitivity_on_validation(shared_artifacts):
     m = json.loads((shared_artifacts / "manifest.json").read_text())
     rec = json.loads((shared_artifacts / "training.json").read_text())
     op = m["operating_point"]
-    assert op["chosen_on"].startswith("validation split") and op["target_sensitivity"] == 0.95
+    # chosen once, at training; export reuses it and says so
+    assert op["chosen_on"].startswith("training.json: validation split at training")
+    assert op["target_sensitivity"] == 0.95 and m["threshold"] == rec["operating_point"]["threshold"]
+    metrics_json = json.loads((shared_artifacts / "metrics.json").read_text())
+    assert metrics_json["threshold"] == m["threshold"]  # train's test figures are at the shipped threshold
     paths = [Path(p) for p in rec["files"]["validation"]]
     y = np.asarray(rec["labels"]["validation"])
     probs = keras_probs(shared_artifacts / "model.keras", np.stack([load_image(p) for p in paths]))
@@ -46,7 +50,10 @@ def test_report_rows_and_columns_filled(shared_artifacts):
             assert 0 <= lo <= at["sensitivity"]["value"] <= hi <= 1
     assert rep["rows"][0]["max_abs_diff_vs_keras"] == 0.0 and rep["rows"][0]["at_0.5"]["flips_vs_keras"] == 0
     md = (shared_artifacts / "report.md").read_text()
-    assert "Not a medical device" in md and md.count("| keras") == 2
+    formats_part, per_source = md.split("## Test split per data source")
+    assert "Not a medical device" in md and formats_part.count("| keras") == 2
+    assert per_source.count("| keras") == 2  # one source, its two class folders
+    assert set(rep["sources"]) == {"chest-xray-small"}
     for png in ("report_roc.png", "report_confusion.png", "report_calibration.png"):
         assert (shared_artifacts / png).stat().st_size > 5000
 
@@ -55,3 +62,37 @@ def test_report_marks_synthetic_data(tiny_artifacts):
     r = run_cli("report", "--artifacts", tiny_artifacts)
     assert r.returncode == 0, r.stderr
     assert "SYNTHETIC" in (tiny_artifacts / "report.md").read_text()
+
+
+def test_report_per_source_and_external_through_every_format(tiny_artifacts, tmp_path):
+    """The test split per data source and an external set (one model class + PNEUMONIA), every format."""
+    import shutil
+
+    from xray_edge.train.phantom import generate_source
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, art)
+    rec = json.loads((art / "training.json").read_text())
+    n = len(rec["files"]["test"])
+    rec["sources"] = [{"name": "hospital_a"}, {"name": "hospital_b"}]
+    rec["file_sources"] = {"test": [i % 2 for i in range(n)]}
+    (art / "training.json").write_text(json.dumps(rec))
+    ext = generate_source(tmp_path / "ext", {"NORMAL": 5, "PNEUMONIA": 4}, seed=4)
+    r = run_cli("report", "--artifacts", art, "--saliency-images", "0", "--external", f"hosp_c={ext}", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout[r.stdout.index("{"):])
+    formats = [row["format"] for row in rep["rows"]]
+    assert set(rep["sources"]) == {"hospital_a", "hospital_b"}
+    for name, per_format in rep["sources"].items():
+        assert list(per_format) == formats
+        assert sum(f["n"] for f in per_format[formats[0]]["folders"].values()) in (n // 2, n - n // 2)
+    e = rep["external"]["hosp_c"]["formats"]
+    assert list(e) == formats
+    for f in e.values():
+        assert f["folders"]["NORMAL"]["n"] == 5 and f["folders"]["PNEUMONIA"]["n"] == 4
+        assert "specificity" in f and "sensitivity" not in f and "roc_auc_vs_NORMAL" in f["folders"]["PNEUMONIA"]
+    # every exported file agrees with Keras on the share called, within the int8 gate's flips
+    keras_share = e[formats[0]]["folders"]["NORMAL"]["called"]["NORMAL"]
+    assert all(abs(f["folders"]["NORMAL"]["called"]["NORMAL"] - keras_share) <= 0.2 for f in e.values())
+    md = (art / "report.md").read_text()
+    assert "## Test split per data source" in md and "## External sets" in md and "hosp_c" in md

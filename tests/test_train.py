@@ -90,6 +90,17 @@ def test_stratified_split_keeps_class_shares():
     assert np.array_equal(held, stratified_split(labels, 0.2, seed=3)[1])
 
 
+def test_one_source_without_patients_splits_as_before():
+    """The phantom default keeps its split: per class, a seeded permutation, the first 20% held."""
+    labels = np.random.default_rng(0).integers(0, 2, 57)
+    rng = np.random.default_rng(11)
+    old = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        old.append(idx[:min(len(idx) - 1, max(1, round(0.2 * len(idx))))])
+    assert np.array_equal(stratified_split(labels, 0.2, seed=11)[1], np.sort(np.concatenate(old)))
+
+
 # ------------------------------------------------------------------ dataset errors
 def _img(p: Path):
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -56,3 +56,48 @@ def _resampler(factor, n: int, dtype):
     weights = (ops.one_hot(lo_i, n) * (1.0 - frac)[..., None]
                + ops.one_hot(hi_i, n) * frac[..., None])
     return ops.cast(weights, dtype)
+
+
+@keras.saving.register_keras_serializable(package="xray_edge")
+class Photometric(keras.layers.Layer):
+    """Training-only changes of how a film was exposed and stored, not of what it shows.
+
+    Per image: contrast scaled around its mean by U[1 - s, 1 + s], gamma U[1 - s, 1 + s], Gaussian
+    noise of sigma U[0, 8 s] grey levels; with chance `border`, an outer band (4-12% of each side)
+    set to the image's mean, where hospitals burn in their markers. Pixels stay 0-255.
+    """
+
+    def __init__(self, strength: float = 0.3, border: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.strength, self.border, self.seed = strength, border, seed
+        self._seed_gen = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training:
+            return x
+        b = ops.shape(x)[0]
+        s = self.strength
+        x = ops.cast(x, "float32")
+        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        if s > 0:
+            contrast = keras.random.uniform((b, 1, 1, 1), 1 - s, 1 + s, seed=self._seed_gen)
+            x = ops.clip(mean + (x - mean) * contrast, 0.0, 255.0)
+            gamma = keras.random.uniform((b, 1, 1, 1), 1 - s, 1 + s, seed=self._seed_gen)
+            x = 255.0 * ops.power(x / 255.0 + 1e-6, gamma)
+            sigma = keras.random.uniform((b, 1, 1, 1), 0, 8 * s, seed=self._seed_gen)
+            x = ops.clip(x + sigma * keras.random.normal(ops.shape(x), seed=self._seed_gen), 0.0, 255.0)
+        if self.border > 0:
+            h, w = x.shape[1], x.shape[2]
+            band = keras.random.uniform((b, 1, 1, 1), 0.04, 0.12, seed=self._seed_gen)
+            on = ops.cast(keras.random.uniform((b, 1, 1, 1), 0, 1, seed=self._seed_gen) < self.border, "float32")
+            yy = ops.reshape(ops.abs(ops.cast(ops.arange(h), "float32") / (h - 1) - 0.5), (1, h, 1, 1))
+            xx = ops.reshape(ops.abs(ops.cast(ops.arange(w), "float32") / (w - 1) - 0.5), (1, 1, w, 1))
+            outer = ops.cast(ops.maximum(yy, xx) > 0.5 - band, "float32") * on
+            x = x * (1 - outer) + mean * outer
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "strength": self.strength, "border": self.border, "seed": self.seed}

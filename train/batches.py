@@ -25,10 +25,11 @@ class Batches(keras.utils.PyDataset):
         labels: class index per row; None for prediction.
         seed: shuffle every epoch with this seed; None keeps `rows` in order.
         devices: pad each batch to a multiple of this many devices.
+        weights: sample weight per row (class or source balance); None: all 1.
     """
 
     def __init__(self, store: ImageStore, rows, labels=None, batch_size: int = 32,
-                 seed: int | None = None, devices: int = 1):
+                 seed: int | None = None, devices: int = 1, weights=None):
         # no worker threads: Keras starts them before calling on_epoch_begin, so a batch could be
         # read with the last epoch's order; reading a batch is one pread per run of rows
         super().__init__()
@@ -36,6 +37,7 @@ class Batches(keras.utils.PyDataset):
             raise ValueError(f"batch size {batch_size} is not a multiple of {devices} devices")
         self.store, self.rows = store, np.asarray(rows, np.int64)
         self.labels = None if labels is None else np.asarray(labels)
+        self.weights = None if weights is None else np.asarray(weights, np.float32)
         self.batch_size, self.seed, self.devices = batch_size, seed, devices
         self.epoch = 0
         self.order = np.arange(len(self.rows))
@@ -56,9 +58,10 @@ class Batches(keras.utils.PyDataset):
         if self.labels is None:
             return (_pad(x, pad),)
         y = self.labels[pos]
-        if self.devices == 1:
+        if self.devices == 1 and self.weights is None:
             return x, y
-        w = np.concatenate([np.ones(len(pos), np.float32), np.zeros(pad, np.float32)])
+        w = np.ones(len(pos), np.float32) if self.weights is None else self.weights[pos]
+        w = np.concatenate([w, np.zeros(pad, np.float32)])
         return _pad(x, pad), _pad(y, pad), w
 
 

@@ -124,3 +124,28 @@ def _write_phantoms(jobs) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
+
+
+def generate_source(out: Path, counts: dict[str, int], seed: int, marker: bool = False,
+                    films_per_patient: int = 1) -> Path:
+    """A phantom data source laid out as bare out/<class>/*.png, for tests of several sources.
+
+    `counts`: images per class (COVID19 phantoms carry opacities, any other class not).
+    `marker`: every image carries the source's planted marker (a bright corner square), as a
+    hospital's burned-in label would. With `films_per_patient` > 1, out/labels.csv groups the
+    films of each (made-up) patient, as nih-adult's does.
+    """
+    rows = []
+    for ci, (cls, n) in enumerate(sorted(counts.items())):
+        folder = out / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = phantom_image(np.random.default_rng([seed, ci, i, 2]), opacities=cls == "COVID19",
+                                marker=marker)
+            name = f"{cls.lower()}_{i:04d}.png"
+            Image.fromarray(arr).save(folder / name)
+            rows.append(f"{cls}/{name},{cls},{seed}-{cls}-{i // films_per_patient}")
+    if films_per_patient > 1:
+        (out / "labels.csv").write_text("file,class,patient\n" + "\n".join(rows) + "\n")
+    (out / SYNTHETIC_MARKER).write_text(f"xray-edge phantom source seed={seed} marker={marker}\n")
+    return out

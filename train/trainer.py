@@ -1,10 +1,14 @@
 """Train the tutorial's CNN on a dataset folder and write the model and its evidence.
 
 Recipe (the tutorial's, except the learning rate): batch 32, Adam, binary cross-entropy, zoom 0.2
-+ horizontal flip on training images only, a stratified 20% validation split that is never
-augmented, 30 epochs, early stopping on val_accuracy (patience 20), best checkpoint kept.
-Adam 1e-4 because the tutorial's 1e-3 can collapse to a constant output on small real sets; a
-collapsed run is detected and never saved as model.keras. Evidence: docs/training.md.
++ horizontal flip on training images only, a 20% validation split stratified by source and class
+(whole patients) that is never augmented, 30 epochs, early stopping on val_accuracy (patience 20),
+best checkpoint kept. Adam 1e-4 because the tutorial's 1e-3 can collapse to a constant output on
+small real sets; a collapsed run is detected and never saved as model.keras.
+
+The operating point is chosen once, here, on the validation split, and stored in training.json;
+every figure after training is at that threshold. External sets (`external`) are measured after
+the model and its threshold are fixed: they choose nothing. Evidence: docs/training.md.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from xray_edge.train.plotting import roc
 from xray_edge.training_record import TrainingRecord
 from xray_edge.preprocess import DEFAULT, Preprocessing
 from xray_edge import metrics
-from xray_edge.train.augment import ZoomFlip
+from xray_edge.folders import ClassImages
+from xray_edge.train.augment import Photometric, ZoomFlip
 from xray_edge.train.batches import Batches, predict
 from xray_edge.train.cache import Decoded, Progress, decode_to_store
-from xray_edge.train.dataset import Dataset, Split, discover, stratified_split
+from xray_edge.train.dataset import (Dataset, Split, balance_weights, discover, external_sets,
+                                     strata, stratified_split)
 from xray_edge.train.device import Devices, Gpu, training_devices, unused_gpu_warning
 from xray_edge.train.outputs import COLLAPSED_MODEL, MODEL, TrainOutputs, check_out
 
@@ -57,7 +63,7 @@ class TrainingCollapsed(XrayEdgeError):
 
 @dataclass
 class TrainConfig:
-    data: Path
+    data: Path | tuple[Path, ...]  # one source, or several
     out: Path = Path("artifacts")
     epochs: int = 30
     batch_size: int = 32
@@ -70,7 +76,13 @@ class TrainConfig:
     seed: int = 1337
     cache_dir: Path | None = None
     workers: int | None = None
-    positive_class: str | None = None  # the disease class; default: the one not named NORMAL
+    positive_class: str | None = None  # the disease class; default: metrics.positive_index's rule
+    classes: tuple[str, ...] | None = None  # None: every class folder found
+    external: tuple[tuple[str, Path], ...] = ()  # (name, folder) sets measured after training
+    balance: str = "class"  # sample weights: none, class or source-class (dataset.balance_weights)
+    target_sensitivity: float = 0.95  # of the operating point, chosen on validation
+    photometric: float = 0.0  # strength of contrast/gamma/noise augmentation (0: off)
+    border: float = 0.0  # chance of blanking an outer band of the film in training (0: off)
     preprocessing: Preprocessing = DEFAULT
     plots: bool = True
     verbose: int = 1
@@ -96,12 +108,10 @@ class TrainResult:
 
 
 def positive_index(classes: list[str], requested: str | None) -> int:
-    if requested is not None:
-        if requested not in classes:
-            raise XrayEdgeError(f"--positive-class {requested!r} is not one of {classes}")
-        return classes.index(requested)
-    others = [i for i, c in enumerate(classes) if c.upper() != "NORMAL"]
-    return others[0] if len(others) == len(classes) - 1 else len(classes) - 1
+    try:
+        return metrics.positive_index(classes, requested)
+    except ValueError:
+        raise XrayEdgeError(f"--positive-class {requested!r} is not one of {classes}") from None
 
 
 def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None) -> TrainResult:
@@ -112,7 +122,10 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
         progress: receives (label, done, total) while images decode.
     """
     t_start = time.perf_counter()
-    ds = discover(cfg.data)
+    ds = discover(cfg.data, list(cfg.classes) if cfg.classes else None)
+    externals = external_sets(cfg.external)  # a bad folder fails here, before training
+    if externals and len(ds.classes) != 2:
+        raise XrayEdgeError("--external covers two-class (sigmoid) models")
     check_out(cfg.out)  # a file in the way or a read-only folder: now, not after training
     _announce_dataset(ds, log)
     pos = positive_index(ds.classes, cfg.positive_class)
@@ -120,16 +133,27 @@ def train(cfg: TrainConfig, log: Log = _stderr, progress: Progress | None = None
         decoded = _decode_splits(ds, cfg, folder, log, progress)
         t_decoded = time.perf_counter()
         devices = _choose_devices(cfg, log)
-        model, history, best, clock = _train_model(decoded, len(ds.classes), cfg, len(devices.names))
+        weights = balance_weights(decoded["train"].labels, decoded["train"].split.sources, cfg.balance)
+        # all-equal weights (balanced classes) train on the unweighted path, as before
+        model, history, best, clock = _train_model(decoded, len(ds.classes), cfg, len(devices.names),
+                                                   None if np.all(weights == 1) else weights)
         t_trained = time.perf_counter()
         val = _check_validation(model, decoded["validation"], pos, cfg.batch_size, len(devices.names))
+        point = _operating_point(val, decoded["validation"], ds.classes, pos, cfg.target_sensitivity, log)
         te = decoded["test"]
         test_probs = predict(model, te.images.store, te.images.ok, cfg.batch_size, len(devices.names))
         record = _record(ds, cfg, decoded, pos, history, best, val)
+        record.operating_point = point
+        record.balance = _balance_record(cfg.balance, decoded["train"], weights, ds)
         record.devices = list(devices.names)
         record.precision = cfg.precision
         record.seconds = {"decode": t_decoded - t_start, "train": t_trained - t_decoded, **clock.seconds()}
-        metrics_doc, history = _write_evidence(cfg, ds, decoded, record, history, test_probs, pos, staged.dir)
+        # measured last, with the model and its threshold fixed: an external set chooses nothing
+        external = {name: _measure_external(model, found, root, cfg, folder, ds.classes, pos,
+                                            point["threshold"], len(devices.names), log, progress)
+                    for name, root, found in externals}
+        metrics_doc, history = _write_evidence(cfg, ds, decoded, record, history, test_probs, pos, external,
+                                               staged.dir)
         if val.collapsed:
             _save_collapsed(model, record, staged, val)
         _save_model(model, staged.path(MODEL), record)
@@ -144,15 +168,17 @@ class ValidationCheck(NamedTuple):
     roc_auc: float
     spread: float  # max - min of the positive-class probabilities
     collapsed: bool
+    probs: np.ndarray  # the validation outputs
 
 
-def _train_model(decoded: dict[str, SplitData], n_classes: int, cfg: TrainConfig, n_devices: int):
+def _train_model(decoded: dict[str, SplitData], n_classes: int, cfg: TrainConfig, n_devices: int,
+                 weights: np.ndarray | None = None):
     """Build, fit and return (float32 model with the best epoch's weights, history, best, clock)."""
     from xray_edge.train.model import build_model
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(n_classes, cfg.preprocessing)
-    history, best, clock = fit_model(model, decoded, cfg, n_devices)
+    history, best, clock = fit_model(model, decoded, cfg, n_devices, weights)
     best.restore()
     return _as_float32(model, n_classes, cfg), history, best, clock
 
@@ -164,25 +190,71 @@ def _check_validation(model, val: SplitData, pos: int, batch_size: int, n_device
     spread = float(score.max() - score.min()) if len(score) else 0.0
     auc = metrics.roc_auc(val.labels == pos, score)
     collapsed = spread < COLLAPSE_MIN_SPREAD or (np.isfinite(auc) and abs(auc - 0.5) < COLLAPSE_AUC_BAND)
-    return ValidationCheck(auc, spread, bool(collapsed))
+    return ValidationCheck(auc, spread, bool(collapsed), probs)
+
+
+def _operating_point(val: ValidationCheck, split: SplitData, classes: list[str], pos: int,
+                     target: float, log: Log) -> dict:
+    """The threshold every later figure uses: chosen here, once, on the validation split."""
+    y_pos = split.labels == pos
+    if len(classes) != 2:
+        return {"threshold": None, "chosen_on": "softmax: highest probability"}
+    if not y_pos.any() or y_pos.all():
+        log("warning: the validation split lacks a class; operating point 0.5")
+        return {"threshold": 0.5, "chosen_on": "default 0.5 (validation split lacks a class)"}
+    point = metrics.operating_point(y_pos, val.probs, pos, target,
+                                    f"validation split at training, {len(y_pos)} images")
+    point["positive_class"] = classes[pos]
+    if "warning" in point:
+        log(f"warning: operating point {point['warning']}")
+    return point
+
+
+def _balance_record(mode: str, tr: SplitData, weights: np.ndarray, ds: Dataset) -> dict:
+    """The weight each (source, class) got in the loss, as training.json records it."""
+    cells = {}
+    for s, src in enumerate(ds.sources):
+        for i, c in enumerate(ds.classes):
+            rows = (tr.split.sources == s) & (tr.labels == i)
+            if rows.any():
+                cells.setdefault(src.name, {})[c] = {"images": int(rows.sum()), "weight": float(weights[rows][0])}
+    return {"mode": mode, "sample_weights": cells}
+
+
+def _measure_external(model, found: ClassImages, root: Path, cfg: TrainConfig, folder: Path,
+                      classes: list[str], pos: int, threshold: float, n_devices: int, log: Log,
+                      progress: Progress | None) -> dict:
+    d = decode_to_store(found.paths, cfg.preprocessing, folder, cfg.workers,
+                        label=f"decoding external {root.name}", progress=progress, log=log)
+    for e in d.errors:
+        log(f"warning: skipped {e}")
+    probs = predict(model, d.store, d.ok, cfg.batch_size, n_devices)
+    figures = metrics.set_figures(found.labels[d.ok], found.names, probs, classes, pos, threshold)
+    return {"root": str(root.resolve()), "skipped": len(d.errors), **figures}
 
 
 def _record(ds: Dataset, cfg: TrainConfig, decoded: dict[str, SplitData], pos: int, history: dict,
             best: "BestWeights", val: ValidationCheck) -> TrainingRecord:
     n_classes = len(ds.classes)
+    sources = []
+    for s, src in enumerate(ds.sources):
+        counts = {k: {c: int(((v.split.sources == s) & (v.labels == i)).sum()) for i, c in enumerate(ds.classes)}
+                  for k, v in decoded.items()}
+        sources.append({**src.describe(ds.classes), "counts": counts})
     return TrainingRecord(
+        sources=sources,
+        file_sources={k: v.split.sources.tolist() for k, v in decoded.items()},
         data=str(ds.root.resolve()),
         synthetic=ds.synthetic,
         classes=ds.classes,
         positive_class=ds.classes[pos],
-        test_source="test/" if ds.test is not None else
-                    f"held out {cfg.test_fraction:.0%} of train/ (the dataset has no test/)",
+        test_source=_test_source(ds, cfg),
         counts={k: dict(zip(ds.classes, np.bincount(v.labels, minlength=n_classes).tolist()))
                 for k, v in decoded.items()},
         files={k: [str(p.resolve()) for p in v.split.paths] for k, v in decoded.items()},
         labels={k: v.labels.tolist() for k, v in decoded.items()},  # class index per file above
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                if k not in ("preprocessing", "data", "out", "cache_dir")},
+                if k not in ("preprocessing", "data", "out", "cache_dir", "external")},
         preprocessing=cfg.preprocessing,
         backend=keras.backend.backend(),
         keras=keras.__version__,
@@ -193,14 +265,37 @@ def _record(ds: Dataset, cfg: TrainConfig, decoded: dict[str, SplitData], pos: i
     )
 
 
+def _test_source(ds: Dataset, cfg: TrainConfig) -> str:
+    parts = ["test/" if s.test is not None else
+             f"held out {cfg.test_fraction:.0%} of {'train/' if s.layout == 'train/' else 'the images'} "
+             f"(the dataset has no test/)" for s in ds.sources]
+    if len(ds.sources) == 1:
+        return parts[0]
+    return "; ".join(f"{s.name}: {p}" for s, p in zip(ds.sources, parts))
+
+
 def _write_evidence(cfg: TrainConfig, ds: Dataset, decoded: dict[str, SplitData], record: TrainingRecord,
-                    history: dict, test_probs: np.ndarray, pos: int, out: Path) -> tuple[dict, dict]:
+                    history: dict, test_probs: np.ndarray, pos: int, external: dict,
+                    out: Path) -> tuple[dict, dict]:
     """history.json, metrics.json (test split) and the plots into `out` (the staging folder);
-    returns (metrics, history) as written."""
-    y_te = decoded["test"].labels
+    returns (metrics, history) as written.
+
+    Every figure is at the operating point chosen on validation (record.operating_point).
+    """
+    te = decoded["test"]
+    y_te = te.labels
+    thr = record.operating_point.get("threshold")
+    thr = 0.5 if thr is None else thr
+    by_source = {}
+    for s, src in enumerate(ds.sources):
+        rows = te.split.sources == s
+        if rows.any():
+            by_source[src.name] = evaluate(test_probs[rows], y_te[rows], ds.classes, pos, thr)
     metrics_doc = {"split": "test", "source": record.test_source, "synthetic": ds.synthetic,
                    "classes": ds.classes, "positive_class": ds.classes[pos],
-                   **evaluate(test_probs, y_te, ds.classes, pos)}
+                   "operating_point": record.operating_point,
+                   **evaluate(test_probs, y_te, ds.classes, pos, thr),
+                   "sources": by_source, "external": external}
     history = {k: [float(v) for v in vals] for k, vals in history.items()}
     atomic_write_json(out / "history.json", history)
     atomic_write_json(out / "metrics.json", metrics_doc)
@@ -221,6 +316,11 @@ def _save_collapsed(model, record: TrainingRecord, staged: TrainOutputs, val: Va
 
 
 def _announce_dataset(ds: Dataset, log: Log) -> None:
+    if len(ds.sources) > 1:
+        for s in ds.sources:
+            n = Split.concat([s.pool, s.test]).counts(ds.classes)
+            log(f"source {s.name}: " + ", ".join(f"{c} {k}" for c, k in n.items())
+                + (" (grouped by patient)" if s.patients else ""))
     for f in ds.skipped:
         log(f"warning: skipping {f}: not an image file")
     if ds.synthetic:
@@ -290,22 +390,27 @@ def _choose_devices(cfg: TrainConfig, log: Log) -> Devices:
     return devices
 
 
-def fit_model(model: keras.Model, decoded: dict[str, SplitData], cfg: TrainConfig, n_devices: int = 1):
+def fit_model(model: keras.Model, decoded: dict[str, SplitData], cfg: TrainConfig, n_devices: int = 1,
+              weights: np.ndarray | None = None):
     """Train `model` in place on the "train" split, validating on "validation" every epoch.
 
     Batches stream from the decoded stores, shuffled per epoch from `cfg.seed`; with
     `n_devices` > 1 (set up by `device.training_devices`) they are split across the devices.
+    With `weights` (per training image), validation is weighted by the same rule (`cfg.balance`).
 
     Returns:
         (history dict, BestWeights (call `.restore()`), EpochClock).
     """
     trainer = training_model(model, cfg)
     tr, val = decoded["train"], decoded["validation"]
+    # validation weighted as training is, so the best epoch is chosen on the balanced accuracy
+    val_w = balance_weights(val.labels, val.split.sources, cfg.balance) if weights is not None else None
     best, clock = BestWeights(model), EpochClock()
     history = trainer.fit(
-        Batches(tr.images.store, tr.images.ok, tr.labels, cfg.batch_size, seed=cfg.seed, devices=n_devices),
+        Batches(tr.images.store, tr.images.ok, tr.labels, cfg.batch_size, seed=cfg.seed, devices=n_devices,
+                weights=weights),
         validation_data=Batches(val.images.store, val.images.ok, val.labels, cfg.batch_size,
-                                devices=n_devices),
+                                devices=n_devices, weights=val_w),
         epochs=cfg.epochs, shuffle=False, verbose=cfg.verbose,
         callbacks=[clock, best, keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                                               patience=cfg.patience)],
@@ -355,9 +460,11 @@ def training_model(model: keras.Model, cfg: TrainConfig) -> keras.Model:
     weighted by sample (all 1, except the zero-weight padding of data-parallel batches).
     """
     binary = int(model.outputs[0].shape[-1]) == 1
-    trainer = keras.Sequential([keras.Input(cfg.preprocessing.shape, name="image"),
-                                ZoomFlip(cfg.zoom, cfg.flip, seed=cfg.seed, name="augment"),
-                                model], name="xray_cnn_training")
+    layers = [keras.Input(cfg.preprocessing.shape, name="image"),
+              ZoomFlip(cfg.zoom, cfg.flip, seed=cfg.seed, name="augment")]
+    if cfg.photometric > 0 or cfg.border > 0:
+        layers.append(Photometric(cfg.photometric, cfg.border, seed=cfg.seed + 7, name="photometric"))
+    trainer = keras.Sequential([*layers, model], name="xray_cnn_training")
     loss = (keras.losses.BinaryCrossentropy if binary else keras.losses.SparseCategoricalCrossentropy)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
                     loss=loss(reduction="mean_with_sample_weight"), weighted_metrics=["accuracy"])
@@ -414,14 +521,22 @@ class EpochClock(keras.callbacks.Callback):
 
 
 def _make_splits(ds: Dataset, cfg: TrainConfig) -> dict[str, Split]:
-    train = ds.train
-    if ds.test is not None:
-        test = ds.test
-    else:
-        keep, held = stratified_split(train.labels, cfg.test_fraction, cfg.seed + 1)
-        test, train = train.subset(held), train.subset(keep)
-    keep, val = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
-    return {"train": train.subset(keep), "validation": train.subset(val), "test": test}
+    """Test: each source's test/, else `test_fraction` of it; validation: `val_fraction` of the rest.
+
+    Both stratified by class within each source, and by whole patients where labels.csv says.
+    """
+    tests, pools = [], []
+    for src in ds.sources:
+        if src.test is not None:
+            tests.append(src.test)
+            pools.append(src.pool)
+        else:
+            keep, held = stratified_split(src.pool.labels, cfg.test_fraction, cfg.seed + 1, src.pool.groups)
+            tests.append(src.pool.subset(held))
+            pools.append(src.pool.subset(keep))
+    train = Split.concat(pools)
+    keep, val = stratified_split(strata(train, len(ds.classes)), cfg.val_fraction, cfg.seed, train.groups)
+    return {"train": train.subset(keep), "validation": train.subset(val), "test": Split.concat(tests)}
 
 
 def _check_decoded(decoded: dict, classes: list[str]) -> None:

@@ -26,20 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xray_edge.metrics import score_distribution  # noqa: F401 - the stored reference's shape
+
 PSI_BOUND = 0.25
 CHI2_9_999 = 27.877  # 99.9th percentile of chi-square with 9 degrees of freedom
 P_BOUND = 1e-3
 WINDOW = 200
 MIN_FILMS = 50
-
-
-def score_distribution(scores) -> dict:
-    """What export stores: 101 quantiles (0%, 1%, ..., 100%) of the validation scores and n."""
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    s = s[np.isfinite(s)]
-    if s.size == 0:
-        return {}
-    return {"n": int(s.size), "quantiles": [round(float(q), 6) for q in np.quantile(s, np.linspace(0, 1, 101))]}
 
 
 def expected_positive_share(dist: dict, threshold: float) -> float:

@@ -19,7 +19,7 @@ from xray_edge.classify import predicted_classes
 from xray_edge.errors import XrayEdgeError
 from xray_edge.export.report import saliency
 from xray_edge.files import sha256_file
-from xray_edge.inputs import walk_images
+from xray_edge.folders import walk_classes
 from xray_edge.manifest import MANIFEST_NAME, read_manifest
 from xray_edge.preprocess import load_images
 from xray_edge.training_record import TRAINING_RECORD_NAME, TrainingRecord
@@ -30,6 +30,8 @@ class TestSet:
     paths: list[Path]
     labels: np.ndarray  # class index per path
     source: str
+    sources: np.ndarray | None = None  # data source index per path (training.json), -1 unknown
+    source_names: tuple[str, ...] = ()
 
 
 def test_set(artifacts: Path, classes: list[str], data: Path | None) -> TestSet:
@@ -38,20 +40,17 @@ def test_set(artifacts: Path, classes: list[str], data: Path | None) -> TestSet:
         rec = TrainingRecord.read(artifacts)
         if rec is None:
             raise XrayEdgeError(f"no {artifacts / TRAINING_RECORD_NAME}: pass --data FOLDER with <class>/ subfolders")
-        paths, labels = rec.split("test")
+        paths, labels, sources = rec.split_sources("test")
         if not paths or -1 in labels:
             raise XrayEdgeError(f"{artifacts / TRAINING_RECORD_NAME}: lists no labelled test images that "
                                 "exist here; pass --data")
-        return TestSet(paths, np.asarray(labels), f"test split of {rec.data}")
+        names = tuple(s.get("name", str(i)) for i, s in enumerate(rec.sources))
+        return TestSet(paths, np.asarray(labels), f"test split of {rec.data}", np.asarray(sources), names)
     root = data / "test" if (data / "test").is_dir() else data
-    paths, labels = [], []
-    for i, c in enumerate(classes):
-        found = list(walk_images(root / c)) if (root / c).is_dir() else []
-        paths += found
-        labels += [i] * len(found)
-    if not paths:
+    found = walk_classes(root, classes)
+    if not found.paths:
         raise XrayEdgeError(f"{root}: no images in class folders {classes}")
-    return TestSet(paths, np.asarray(labels), str(root))
+    return TestSet(found.paths, found.labels, str(root))
 
 
 @dataclass
@@ -87,18 +86,22 @@ def _row(m: Measured, *, ref: np.ndarray, y: np.ndarray, pos: int, thresholds: d
 
 
 def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int = 1,
-                 saliency_per_class: int = saliency.PER_CLASS) -> dict:
+                 saliency_per_class: int = saliency.PER_CLASS,
+                 external: tuple[tuple[str, Path], ...] = ()) -> dict:
     """Run Keras and every file of the manifest over the test images; return the report dict.
 
     With `saliency_per_class` > 0 it also explains that many test images of each class with
-    every format and draws artifacts/report_saliency.png (see `saliency.page`).
+    every format and draws artifacts/report_saliency.png (see `saliency.page`). The test split is
+    also measured per data source, and each `external` (name, DIR/<class>/*) set with every
+    format at the manifest's threshold.
     """
     manifest = read_manifest(artifacts / MANIFEST_NAME)
     classes = list(manifest.labels)
     if len(classes) != 2 or manifest.threshold is None:
         raise XrayEdgeError("the report covers two-class (sigmoid) models")
-    pos = classes.index(manifest.positive_class or classes[0])
+    pos = metrics.positive_index(classes, manifest.positive_class if manifest.positive_class in classes else None)
     ts = test_set(artifacts, classes, data)
+    ext_sets = _external_sets(external)
     images, ok, errors = load_images(ts.paths, manifest.preprocessing)
     if len(images) == 0:
         raise XrayEdgeError(f"none of the {len(ts.paths)} test images could be decoded")
@@ -133,6 +136,9 @@ def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int 
             probs.append(out)
         rows.append(_row(Measured(f"{entry.format} ({be.name} {be.version})", artifacts / name, load_s,
                                   np.asarray(probs, dtype=np.float32), lat), **common))
+    sources = _per_source(ts, ok, rows, y, classes, pos, manifest.threshold)
+    ext = {name: _external(name, root, found, model, manifest, artifacts, rows, classes, pos)
+           for name, root, found in ext_sets}
     sal = saliency.page(model, manifest, artifacts, images, y, artifacts,
                         saliency_per_class) if saliency_per_class > 0 else None
     return {
@@ -149,5 +155,50 @@ def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int 
         "operating_point": manifest.operating_point or {"threshold": manifest.threshold},
         "labels": y.tolist(),
         "rows": rows,
+        "sources": sources,
+        "external": ext,
         "saliency": sal,
     }
+
+
+def _external_sets(pairs) -> list:
+    out = []
+    for name, root in pairs:
+        found = walk_classes(Path(root))
+        if not found.paths:
+            raise XrayEdgeError(f"--external {name}={root}: no images in {root}/<class>/ folders")
+        out.append((name, Path(root), found))
+    return out
+
+
+def _per_source(ts: TestSet, ok, rows: list[dict], y: np.ndarray, classes, pos: int, threshold: float) -> dict:
+    """Per data source of the test split: each format's figures at the manifest's threshold."""
+    if ts.sources is None or not ts.source_names:
+        return {}
+    src = ts.sources[ok]
+    out = {}
+    for s, name in enumerate(ts.source_names):
+        sel = src == s
+        if not sel.any():
+            continue
+        out[name] = {r["format"]: metrics.set_figures(y[sel], classes, np.asarray(r["probabilities"])[sel, None],
+                                                      classes, pos, threshold) for r in rows}
+    return out
+
+
+def _external(name: str, root: Path, found, model, manifest, artifacts: Path, rows: list[dict],
+              classes, pos: int, ) -> dict:
+    """One external set through Keras and every exported file (its edge runtime), at the threshold."""
+    images, ok, errors = load_images(found.paths, manifest.preprocessing)
+    if len(images) == 0:
+        raise XrayEdgeError(f"--external {name}: none of the {len(found.paths)} images could be decoded")
+    folder_of = found.labels[ok]
+    per_format = {}
+    probs = np.asarray(model.predict(images, batch_size=16, verbose=0), np.float32)
+    per_format[rows[0]["format"]] = probs
+    for row, fname in zip(rows[1:], manifest.files):
+        be = open_backend(artifacts / fname, threads=os.cpu_count())
+        per_format[row["format"]] = np.asarray([be.predict(img) for img in images], np.float32).reshape(-1, 1)
+    return {"root": str(root.resolve()), "skipped": errors,
+            "formats": {f: metrics.set_figures(folder_of, found.names, p, classes, pos, manifest.threshold)
+                        for f, p in per_format.items()}}

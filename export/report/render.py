@@ -67,7 +67,45 @@ whose decision differs from the Keras model's at the same threshold.
 - Confusion matrices: ![confusion](report_confusion.png)
 - Calibration (reliability): ![calibration](report_calibration.png)
 - Training curves: [training.png](training.png); sample images: [samples.png](samples.png)
-{saliency_section(report)}"""
+{sets_section(report)}{saliency_section(report)}"""
+
+
+def set_table(per_format: dict, classes: list[str]) -> str:
+    """One row per format and folder of a set: films, share called each class, mean score, figures."""
+    head = ("| format | folder | films | " + " | ".join(f"called {c}" for c in classes)
+            + " | mean score | AUC vs negative | sensitivity (95% CI) | specificity (95% CI) | ROC AUC |")
+    lines = [head, "|" + "|".join(["---"] * (len(classes) + 8)) + "|"]
+
+    def rate(fig: dict, key: str) -> str:
+        return _pct(fig[key]) if key in fig else "n/a"
+
+    for fmt, fig in per_format.items():
+        auc = f"{fig['roc_auc']:.3f}" if "roc_auc" in fig else "n/a"
+        for name, f in fig["folders"].items():
+            auc_vs = [f"{v:.3f}" for k, v in f.items() if k.startswith("roc_auc_vs_")]
+            called = " | ".join(f"{f['called'][c]:.3f}" for c in classes)
+            lines.append(f"| {fmt} | {name} | {f['n']} | {called} | {f['mean_score']:.3f} | "
+                         f"{auc_vs[0] if auc_vs else ''} | {rate(fig, 'sensitivity')} | "
+                         f"{rate(fig, 'specificity')} | {auc} |")
+    return "\n".join(lines)
+
+
+def sets_section(report: dict) -> str:
+    """The test split per data source, and each external set, for every format at the threshold."""
+    out = []
+    classes = report["classes"]
+    thr = report["operating_point"].get("threshold")
+    if report.get("sources"):
+        out.append(f"\n## Test split per data source (threshold {thr:.4f})\n")
+        for name, per_format in report["sources"].items():
+            out += [f"### {name}\n", set_table(per_format, classes), ""]
+    if report.get("external"):
+        out.append(f"\n## External sets (never used in training; threshold {thr:.4f})\n")
+        out.append("AUC vs negative: ROC AUC of the positive score, a folder that is no model class "
+                   f"against the set's {classes[1 - classes.index(report['positive_class'])]} folder.\n")
+        for name, e in report["external"].items():
+            out += [f"### {name} (`{e['root']}`)\n", set_table(e["formats"], classes), ""]
+    return "\n".join(out) + ("\n" if out else "")
 
 
 def saliency_section(report: dict) -> str:
