@@ -20,13 +20,25 @@ def _percentile(ms: list[float], q: float) -> float:
 
 
 def synthetic_jpeg(path: Path, size: int = 1024) -> Path:
-    """A grey gradient-and-noise JPEG, so the benchmark needs no data."""
+    """A film-like grey JPEG (torso, two lungs, ribs, a mediastinum, noise), so the benchmark needs
+    no data and measures a real classification: the input gate accepts it, as it accepts the
+    training phantoms (a gradient or plain noise would be refused before the model runs)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    arr = (np.linspace(0, 255, size)[None, :] * 0.6 + rng.normal(60, 20, (size, size))).clip(0, 255)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.full((size, size), 25.0, np.float32)
+    torso = ((xx - 0.5) / 0.46) ** 2 + ((yy - 0.55) / 0.55) ** 2 < 1
+    img[torso] = 115
+    lungs = np.zeros_like(torso)
+    for side in (-1, 1):
+        lungs |= ((xx - 0.5 - side * 0.18) / 0.13) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1
+    img[lungs] = 55
+    img[lungs & (np.sin(2 * np.pi * (yy + 0.6 * (xx - 0.5) ** 2) / 0.075) > 0.55)] += 35  # ribs
+    img[(np.abs(xx - 0.5) < 0.06 + 0.02 * (yy > 0.55)) & torso] = 170  # mediastinum and spine
+    img += rng.normal(0, 7, img.shape)
     buf = io.BytesIO()
-    Image.fromarray(arr.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     path.write_bytes(buf.getvalue())
     return path
 

@@ -48,7 +48,8 @@ from xray_edge.model import open_model
 import os
 loaded = open_model(sys.argv[1], threads=os.cpu_count())
 t3 = time.perf_counter()
-list(Classifier(loaded.backend, loaded.info).classify_paths(expand_inputs([sys.argv[2]])))
+out = list(Classifier(loaded.backend, loaded.info).classify_paths(expand_inputs([sys.argv[2]])))
+assert hasattr(out[0], 'label'), f'not a classification: {out[0]}'  # a refusal is no figure
 t4 = time.perf_counter()
 print(json.dumps({"click and cli": (t1 - t0) * 1e3, "numpy, Pillow, runner": (t2 - t1) * 1e3,
                   "runtime import, model load and sha256": (t3 - t2) * 1e3,
