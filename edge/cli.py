@@ -452,6 +452,10 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul
       xray-edge classify --model artifacts/xray.onnx scans/ --json
       find /pacs -name '*.dcm' -print0 | xray-edge classify -0 -
     """
+    # numpy's OpenBLAS starts a thread per core at import; classify does no linear algebra, and
+    # one thread saves about a quarter of a cold start's CPU (farm-bench, docs/edge.md). A value
+    # the user set is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from xray_edge.gate import NotChestRadiograph
     from xray_edge.inputs import expand_inputs, read_paths
     from xray_edge.output import Printer
