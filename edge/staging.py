@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from xray_edge.files import fsync_dir
+
 
 class Staging:
     """A staging folder inside `out`; removed on exit unless it was published.
@@ -80,10 +82,10 @@ class Staging:
                 self._before(f"remove {name}")
                 (self.out / name).unlink()
                 self.changed.append(name)
-        _fsync_dir(self.out)  # the files are on disk before the index that names them
+        fsync_dir(self.out)  # the files are on disk before the index that names them
         self._before(f"place {last}")
         os.replace(self.dir / last, self.out / last)
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.discard()
 
     def discard(self) -> None:
@@ -107,10 +109,3 @@ def _alive(pid: int) -> bool:
         return True
     return True
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
