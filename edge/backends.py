@@ -177,13 +177,16 @@ class TFLiteBackend:
         self.output_quant = tuple(out["quantization"])
         self.input_name, self.output_name = inp["name"], out["name"]
         self._in, self._out = inp["index"], out["index"]
-        # uint8 pixels with scale 1 and zero point 0 quantize to themselves: skip the float trip.
-        self._identity_input = (self.input_dtype == np.uint8 and self.input_quant == (1.0, 0))
+        # 0-255 pixels with scale 1 quantize to themselves (uint8, zero point 0) or to pixel - 128
+        # (int8, zero point -128: the same bits with the top one flipped): skip the float trip.
+        self._pixels = {("uint8", (1.0, 0)): lambda x: x,
+                        ("int8", (1.0, -128)): lambda x: (x ^ np.uint8(0x80)).view(np.int8),
+                        }.get((self.input_dtype.name, self.input_quant))
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         x = image[None]
-        if self._identity_input:
-            pass
+        if self._pixels is not None and x.dtype == np.uint8:
+            x = self._pixels(x)
         elif self.input_dtype.kind in "iu":
             x = quantize(x, self.input_quant[0], self.input_quant[1], self.input_dtype)
         else:

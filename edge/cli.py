@@ -225,10 +225,14 @@ def train(data, classes, external, balance, target_sensitivity, photometric, bor
                     fg="yellow", err=True)
 
 
+def _defined(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def _test_line(m: dict) -> str:
     """n, accuracy and, for two classes, ROC AUC, sensitivity, specificity at the operating point."""
     line = f"n={m['n']} accuracy={m['accuracy']:.3f}"
-    if m.get("roc_auc") is not None:  # None: a split with one class (metrics.json says why)
+    if _defined(m.get("roc_auc")):  # not for a split with one class
         line += (f" ROC AUC={m['roc_auc']:.3f} sensitivity={m['sensitivity']['value']:.3f} "
                  f"specificity={m['specificity']['value']:.3f} at threshold {m['threshold']:.4f}")
     return line
@@ -337,7 +341,8 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Found, not imported: TensorFlow starts inside the export.
-    missing = [m for m in ("keras", "tensorflow", "onnx") if importlib.util.find_spec(m) is None]
+    needs = ("keras", "tensorflow", "onnx") + (("litert_quantizer",) if "int8" in formats.split(",") else ())
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         raise ToolError(f"export needs the extra: pip install 'xray-edge[export]' ({', '.join(missing)} missing)")
     from xray_edge.export import parity
@@ -361,7 +366,9 @@ def export(model, out, formats, data, calibration_size, parity_size, threshold, 
             click.echo(f"error: export failed at {exc}; {cfg.out} {state}", err=True)
             sys.exit(EXIT_SOME_FAILED)
     if as_json:
-        click.echo(json.dumps(result.manifest.to_dict(), indent=2))
+        from xray_edge.files import dumps
+
+        click.echo(dumps(result.manifest.to_dict(), indent=2))
     elif result.passed:
         click.echo(format_files_table(result.manifest))
         click.echo(f"manifest: {cfg.out / 'manifest.json'}  ({result.timings['total']:.1f} s)")
@@ -409,7 +416,9 @@ def report(artifacts, data, saliency_images, external, as_json):
         rep = build_report(artifacts, data, saliency_per_class=saliency_images, external=external)
     render.write(rep, artifacts)
     if as_json:
-        click.echo(json.dumps(rep, indent=2))
+        from xray_edge.files import dumps
+
+        click.echo(dumps(rep, indent=2))  # an undefined figure (a one-class set) is null
         return
     click.echo(render.table(rep))
     click.echo(f"\nwrote {artifacts / 'report.md'}, report.json and report_*.png")
@@ -719,8 +728,9 @@ def _destination(ctx, param, value):
 @click.option("--threshold", type=float, default=None, callback=_probability,
               help="Override the operating point (default: site.json, else the manifest's).")
 @click.option("--exit-when-idle", is_flag=True, help="Classify what the spool holds, then exit (no receivers needed).")
+@gate_options
 def serve(model, file_name, backend, threads, spool_dir, watch_dir, watch_settle, dicom_port, ae_title, allow_ae, bind,
-          forward, max_spool, log_phi, threshold, exit_when_idle):
+          forward, max_spool, log_phi, threshold, exit_when_idle, accept_modality, accept_body_part, accept_view):
     """Run unattended: receive films, classify each, write results, reports and drift warnings.
 
     \b
@@ -749,6 +759,7 @@ def serve(model, file_name, backend, threads, spool_dir, watch_dir, watch_settle
     allowed = tuple(a.strip() for a in allow_ae.split(",") if a.strip())
     with tool_errors():
         clf, loaded, source = _open_classifier(model, file_name, backend, threads, threshold)
+        clf.rules = _gate_rules(loaded, accept_modality, accept_body_part, accept_view)  # as classify
     receivers = Receivers(
         dicom=ScpConfig(dicom_port, ae_title.strip(), bind, allowed) if dicom_port is not None else None,
         watch=watch_dir, watch_settle=watch_settle)

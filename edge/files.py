@@ -180,6 +180,8 @@ def _temp_prefix(name: str) -> str:
     """`.NAME.`, cut so that the temporary name (8 random characters and `.tmp` after it) stays
     within NAME_MAX bytes even when the final name is near it."""
     return "." + fit_name(name, ".", NAME_MAX - 1 - 8 - len(".tmp"))
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """fsync a folder, so that a rename or a new file in it survives a power cut."""
     fd = os.open(folder, os.O_RDONLY)

@@ -19,13 +19,14 @@ without one), shown by ``xray-edge info`` and widened only on purpose (``--accep
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from xray_edge.errors import ImageError
+from xray_edge.errors import ImageError, ModelError
 
 GATE_VERSION = "1"
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC Image Storage and its multi-frame kin
@@ -101,9 +102,7 @@ class GateRules:
                     raise ValueError(f"'input_gate.{k}' is not a number")
                 kw[k] = float(v)
         if "reference" in d:
-            if not isinstance(d["reference"], dict):
-                raise ValueError("'input_gate.reference' is not an object")
-            kw["reference"] = d["reference"]
+            kw["reference"] = _reference(d["reference"])
         return cls(**kw)
 
     def accepting(self, modalities=(), body_parts=(), views=()) -> "GateRules":
@@ -113,6 +112,20 @@ class GateRules:
 
         return replace(self, modalities=more(self.modalities, modalities),
                        body_parts=more(self.body_parts, body_parts), views=more(self.views, views))
+
+
+def _reference(ref) -> dict:
+    """A stored reference, checked: {"images": n, "ranges": {statistic: [low, high]}}."""
+    if not isinstance(ref, dict):
+        raise ValueError("'input_gate.reference' is not an object")
+    ranges = ref.get("ranges", {})
+    if not isinstance(ranges, dict):
+        raise ValueError("'input_gate.reference.ranges' is not an object")
+    for name, span in ranges.items():
+        if not (isinstance(span, list) and len(span) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in span)):
+            raise ValueError(f"'input_gate.reference.ranges.{name}' is not two finite numbers")
+    return ref
 
 
 DEFAULT_RULES = GateRules()
@@ -350,10 +363,19 @@ def summary(rules: GateRules) -> str:
             f". Any image: {bounds}{flag}")
 
 
-def rules_for(loaded) -> GateRules:
-    """The gate of a loaded model: its manifest's input_gate, else its file's, else the defaults."""
+def own_gate(loaded) -> dict:
+    """The input_gate a loaded model records: its manifest's, else its file's ({}: none)."""
     manifest = loaded.resolved.manifest
-    raw = getattr(manifest, "input_gate", None) if manifest is not None else None
-    if raw is None:
-        raw = loaded.info.extra.get("input_gate")
-    return GateRules.from_dict(raw)
+    return (manifest is not None and manifest.input_gate) or loaded.info.extra.get("input_gate") or {}
+
+
+def rules_for(loaded) -> GateRules:
+    """The gate of a loaded model: its own input_gate (`own_gate`), else the defaults.
+
+    Raises:
+        ModelError: a malformed input_gate, in one line.
+    """
+    try:
+        return GateRules.from_dict(own_gate(loaded))
+    except ValueError as exc:
+        raise ModelError(f"{loaded.path}: {exc}") from None

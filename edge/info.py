@@ -43,8 +43,7 @@ def describe(model: str, file_name: str | None = None, backend: str = "auto") ->
 
 def _gate(loaded) -> dict:
     """The input gate's rules in force, and where they come from."""
-    from xray_edge.gate import rules_for
+    from xray_edge.gate import own_gate, rules_for
 
-    manifest = loaded.resolved.manifest
-    own = (manifest is not None and manifest.input_gate) or loaded.info.extra.get("input_gate")
-    return {"source": "model" if own else "defaults (the model records none)", **rules_for(loaded).to_dict()}
+    source = "model" if own_gate(loaded) else "defaults (the model records none)"
+    return {"source": source, **rules_for(loaded).to_dict()}

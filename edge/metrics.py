@@ -141,17 +141,18 @@ def output_threshold_for_sensitivity(y_pos: np.ndarray, probs: np.ndarray, pos: 
     return float(t_pos if pos == 1 else 1.0 - t_pos)
 
 
-def positive_index(classes, named: str | None = None) -> int:
+def positive_index(classes, named: str | None = None, strict: bool = True) -> int:
     """The disease (positive) class of binary figures: the one rule, for train, export, report, calibrate.
 
     `named` when given; else the one class not named NORMAL when there is exactly one; else
-    labels[0] (the tutorial's COVID19).
+    labels[0] (the tutorial's COVID19). `strict=False`: a `named` that is not one of `classes`
+    (a record or manifest written for other labels) falls back to the rule instead of raising.
 
     Raises:
-        ValueError: `named` is not one of `classes`.
+        ValueError: `named` is not one of `classes` (strict only).
     """
     classes = list(classes)
-    if named is not None:
+    if named is not None and (strict or named in classes):
         if named not in classes:
             raise ValueError(f"positive class {named!r} is not one of {classes}")
         return classes.index(named)

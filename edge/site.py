@@ -221,7 +221,7 @@ def calibrate_model(loaded, site: Path, target: float,
     info = loaded.info
     manifest = loaded.resolved.manifest
     named = manifest.positive_class if manifest else None
-    pos = metrics.positive_index(info.labels, named if named in info.labels else None)
+    pos = metrics.positive_index(info.labels, named, strict=False)
     ignored: list[str] = []
     thr, figures, counts, errors = calibrate(loaded.backend.predict, info.labels, pos,
                                              info.preprocessing, site, info.threshold, target, rules,

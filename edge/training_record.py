@@ -52,7 +52,7 @@ class TrainingRecord:
 
     @property
     def positive_index(self) -> int:
-        return positive_index(self.classes, self.positive_class if self.positive_class in self.classes else None)
+        return positive_index(self.classes, self.positive_class, strict=False)
 
     def split_sources(self, name: str) -> tuple[list[Path], list[int], list[int]]:
         """(paths, class indices, source indices) of a split's files that exist; source -1 if unknown."""

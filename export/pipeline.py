@@ -92,6 +92,7 @@ class _Source:
     operating_point: dict
     sha256: str
     sigmoid: bool  # one sigmoid unit (else a softmax over the labels)
+    input_gate: dict = field(default_factory=dict)  # xray_edge.gate.GateRules, with its reference
 
 
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportResult:
@@ -122,6 +123,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     with steps("operating point"):  # on the validation split, which the parity images mostly are
         src = _describe(cfg, model, record, meta, spec, known=dict(zip(par_paths, reference)))
         log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
+        # the input gate, with the statistics of the films the model came from: in the manifest
+        # and inside every file, so that a file copied alone flags the same films
+        src = replace(src, input_gate=rules_for_films(par_images))
     source = ModelSource(model, [f.name for f in formats])
     del model  # the source holds it until the last conversion
     proof = functools.partial(_prove, reference=reference, images=par_images, info=src.info,
@@ -142,8 +146,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         seconds = {name[len("convert "):]: t for name, t in steps.timings.items() if name.startswith("convert ")}
         results, files = _results_and_files(formats, proven, seconds)
         manifest = _manifest(cfg, src, files, results, len(cal_images), len(par_images), sets.source)
-        # the input gate, with the statistics of the films the model came from (issue 23)
-        manifest = replace(manifest, input_gate=rules_for_films(par_images))
+        manifest = replace(manifest, input_gate=src.input_gate)
         _publish(stage, manifest, results, cfg.out, steps, log)
     steps.timings["total"] = time.perf_counter() - steps.start
     return ExportResult(manifest, results, steps.timings, remedy(results, cfg))
@@ -298,7 +301,8 @@ def _images(sets: calibration.ImageSets, spec: Preprocessing, need_calibration: 
 def _embedded(src: _Source, fmt: Format) -> dict:
     """The metadata written inside a file, so that the file alone is enough on a device."""
     info = replace(src.info, format=fmt.name)
-    return {**info.to_dict(), "source_model_sha256": src.sha256, "xray_edge_version": __version__}
+    return {**info.to_dict(), "source_model_sha256": src.sha256, "xray_edge_version": __version__,
+            "input_gate": src.input_gate}
 
 
 def _file_entry(fmt: Format, path: Path, backend, res: parity.ParityResult) -> FileEntry:

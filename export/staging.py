@@ -1,27 +1,13 @@
-"""All or nothing: an export's files are staged beside the destination and published as a set
-(the mechanism is `xray_edge.staging`'s, shared with training).
+"""All or nothing for an export: `xray_edge.staging` (shared with training) with the manifest
+as the index written last.
 
-Every file of one export is written into a hidden staging folder inside the destination (same
-filesystem, so a rename moves it without copying) and proven there. Only when every requested
-format has passed its gates is the set published; a failure before that deletes the staging
-folder and leaves the destination exactly as it was.
-
-Publishing is several renames, which are not atomic together. The order makes every moment
-safe for a reader, because readers trust a model file only when the manifest lists its sha256
-(the edge runner refuses a mismatch, `xray_edge.model.open_model`):
-
-1. model files first: while the old manifest is still in place, a replaced file no longer
-   matches the sha256 it lists, so the runner refuses it instead of mixing two models;
-2. files of the previous export that this one does not make are removed (the old manifest
-   then names a missing file: refused too);
-3. the manifest last, in one rename: from then on the folder holds exactly the new set.
-
-A process killed between two renames thus leaves an old manifest whose every file is either its
-own (accepted) or refused, never a silent mix; the next export publishes a whole set again.
-A versioned subfolder behind an atomically swapped symlink would make the switch one rename, but
-symlinks do not survive every way a folder reaches a device (FAT sticks, zip), and the runner
-reads plain files. Training files (model.keras, training.json, metrics, plots) are never
-touched: only the names in `owned` are ever replaced or removed.
+What is export's own: every file is proven inside the staging folder before the set is
+published; the edge runner trusts a model file only when the manifest lists its sha256
+(`xray_edge.model.open_model`), so a process killed between two renames leaves an old manifest
+whose files are each its own or refused, never a silent mix. Training files (model.keras,
+training.json, metrics, plots) are never touched: only the names in `owned` are. A versioned
+subfolder behind a swapped symlink would make the switch one rename, but symlinks do not survive
+every way a folder reaches a device (FAT sticks, zip).
 """
 
 from __future__ import annotations

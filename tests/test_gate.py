@@ -121,6 +121,19 @@ def test_a_malformed_gate_in_the_manifest_is_refused_before_any_image():
     assert Manifest.from_dict({**base, "input_gate": {"modalities": ["DX"]}}).input_gate == {"modalities": ["DX"]}
     with pytest.raises(ValueError, match="min_contrast"):
         Manifest.from_dict({**base, "input_gate": {"min_contrast": None}})
+    # a reference range that is not two numbers would fail on every film: refused with the model
+    with pytest.raises(ValueError, match="ranges.contrast"):
+        Manifest.from_dict({**base, "input_gate": {"reference": {"ranges": {"contrast": ["a", 1]}}}})
+
+
+def test_a_file_copied_alone_keeps_its_gate_and_reference(tiny_artifacts, tmp_path):
+    # export writes the gate with its reference into every file, not only into the manifest
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(tiny_artifacts / "xray_int8.tflite", lone / "model.tflite")
+    d = json.loads(run_cli("info", lone / "model.tflite", "--json").stdout)["input_gate"]
+    m = json.loads((tiny_artifacts / "manifest.json").read_text())["input_gate"]
+    assert d["source"] == "model" and d["reference"] == m["reference"] and m["reference"]["images"] > 0
 
 
 def test_rules_are_data_with_defaults_and_widen_only_on_purpose():

@@ -99,7 +99,7 @@ def build_report(artifacts: Path, data: Path | None = None, runs_per_image: int 
     classes = list(manifest.labels)
     if len(classes) != 2 or manifest.threshold is None:
         raise XrayEdgeError("the report covers two-class (sigmoid) models")
-    pos = metrics.positive_index(classes, manifest.positive_class if manifest.positive_class in classes else None)
+    pos = metrics.positive_index(classes, manifest.positive_class, strict=False)
     ts = test_set(artifacts, classes, data)
     ext_sets = _external_sets(external)
     images, ok, errors = load_images(ts.paths, manifest.preprocessing)
