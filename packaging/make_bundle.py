@@ -33,15 +33,22 @@ def main() -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {manifest_path}: {exc} (run make train export first)", file=sys.stderr)
         return 1
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        print(f"error: {manifest_path}: 'files' is not an object of exported files (run make export again)",
+              file=sys.stderr)
+        return 1
     name = args.file or manifest.get("default") or "xray_int8.tflite"
-    entry = manifest.get("files", {}).get(name)
+    entry = files.get(name)
     model = args.artifacts / name
     if entry is None or not model.is_file():
         print(f"error: {model}: not exported or not in the manifest", file=sys.stderr)
         return 1
-    if hashlib.sha256(model.read_bytes()).hexdigest() != entry.get("sha256"):
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    if not isinstance(entry, dict) or sha != entry.get("sha256"):
         print(f"error: {model}: sha256 differs from the manifest's; export again", file=sys.stderr)
         return 1
+    site = site_for(args.artifacts / "site.json", model.name, sha)
     with tempfile.TemporaryDirectory() as tmp:
         wheel_dir = Path(tmp) / "wheel"
         r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
@@ -64,16 +71,34 @@ def main() -> int:
             import io
 
             tar.addfile(info, io.BytesIO(data))
-            if (args.artifacts / "site.json").is_file():
-                tar.add(args.artifacts / "site.json", f"{top}/model/site.json")
+            if site is not None:
+                tar.add(site, f"{top}/model/site.json")
             tar.add(ROOT / "packaging" / "xray-edge.service", f"{top}/xray-edge.service")
             tar.add(ROOT / "packaging" / "install.sh", f"{top}/install.sh")
         os.replace(part, final)
     print(f"{final}: {wheels[0].name}, model/{name}, manifest.json"
-          f"{', site.json' if (args.artifacts / 'site.json').is_file() else ''}, xray-edge.service, install.sh "
+          f"{', site.json' if site is not None else ''}, xray-edge.service, install.sh "
           f"({final.stat().st_size / 1e6:.1f} MB)")
     print(f"on the device: tar xzf {final.name} && sudo {top}/install.sh")
     return 0
+
+
+def site_for(path: Path, model_name: str, sha: str) -> Path | None:
+    """site.json when it is for the bundled model file; else None, with a warning line (a site
+    threshold chosen for another model would be refused on the device)."""
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        theirs = d.get("model_sha256") if isinstance(d, dict) else None
+    except (OSError, ValueError) as exc:
+        print(f"warning: {path}: unreadable ({exc}); not bundled", file=sys.stderr)
+        return None
+    if theirs != sha:
+        print(f"warning: {path}: for sha256 {str(theirs)[:12]}..., not {model_name} ({sha[:12]}...); not bundled",
+              file=sys.stderr)
+        return None
+    return path
 
 
 if __name__ == "__main__":

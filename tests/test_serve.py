@@ -287,8 +287,9 @@ def test_export_stores_the_validation_score_quantiles(tmp_path):
 
 
 def test_a_film_the_input_gate_refuses_is_recorded_as_refused(tmp_path, model):
-    """Runs once the input gate (issue 23, xray_edge.gate) is in the classify path."""
-    pytest.importorskip("xray_edge.gate")
+    """The classify path's input gate (xray_edge.gate) declines an MR: one 'refused' line with its
+    rule, no report, nothing quarantined."""
+    pytest.importorskip("pydicom")
     from serve_helpers import dicom_from_image
 
     watch, spool = tmp_path / "viewer", tmp_path / "spool"
@@ -307,6 +308,100 @@ def test_a_film_the_input_gate_refuses_is_recorded_as_refused(tmp_path, model):
         svc.proc.kill()
     assert rec["status"] == "refused" and rec["rule"] and "MR" in rec["reason"]
     assert "report" not in rec and not list((spool / "quarantine").iterdir()) and not list((spool / "films").iterdir())
+
+
+def test_an_sr_that_cannot_be_written_keeps_the_label_and_the_service_goes_on(tmp_path, model):
+    """The SR's file name is a folder: the film still gets one 'classified' line (with
+    report_error), is not quarantined, and the next film gets its label and its SR."""
+    pytest.importorskip("pydicom")
+    from pydicom.uid import generate_uid
+    from serve_helpers import dicom_from_image
+
+    watch, spool = tmp_path / "viewer", tmp_path / "spool"
+    (spool / "outbox").mkdir(parents=True)
+    watch.mkdir()
+    first, second = (dicom_from_image(img, tmp_path / f"{i}.dcm") for i, img in enumerate(real_images(2, tmp_path)))
+    import pydicom
+
+    uid = str(pydicom.dcmread(first).SOPInstanceUID)
+    key = film_key(None, first.read_bytes())  # a watched file's key is its sha256
+    sha = json.loads((model / "manifest.json").read_text())["files"]["xray.onnx"]["sha256"]
+    sr_uid = generate_uid(entropy_srcs=[key, sha, "sr"])  # as report_sr.build_sr derives it
+    (spool / "outbox" / f"{sr_uid}.dcm").mkdir()  # the SR cannot be renamed onto a folder
+    shutil.copy(first, watch / "first.dcm")
+    svc = Service("--model", model, "--spool", spool, "--watch", watch)
+    try:
+        wait_results(spool, 1)
+        shutil.copy(second, watch / "second.dcm")
+        recs = wait_results(spool, 2)
+        assert svc.stop() == 0
+    finally:
+        svc.proc.kill()
+    assert len(recs) == 2 and [r["status"] for r in recs] == ["classified", "classified"]
+    bad, good = recs
+    assert bad["sop_instance_uid"] == uid and bad["label"] in ("COVID19", "NORMAL")
+    assert "report" not in bad and "IsADirectoryError" in bad["report_error"]
+    assert good["report"] and (spool / "outbox" / good["report"]).is_file() and "report_error" not in good
+    assert all(isinstance(r["unlike_training"], list) for r in recs)
+    assert not list((spool / "quarantine").iterdir()) and not list((spool / "films").iterdir())
+
+
+def test_a_destination_that_is_down_is_tried_once_not_per_film(tmp_path, model):
+    """After a failed forward the next SRs wait in outbox/ for the 30 s retry: one failure logged
+    for three films, all three SRs kept."""
+    pytest.importorskip("pynetdicom")
+    from serve_helpers import dicom_from_image, free_port
+
+    watch, spool = tmp_path / "viewer", tmp_path / "spool"
+    watch.mkdir()
+    for i, img in enumerate(real_images(3, tmp_path)):
+        dicom_from_image(img, watch / f"{i}.dcm")
+    svc = Service("--model", model, "--spool", spool, "--watch", watch,
+                  "--forward", f"PACS@127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        recs = wait_results(spool, 3)
+        assert svc.stop() == 0
+    finally:
+        svc.proc.kill()
+    assert [r["status"] for r in recs] == ["classified"] * 3 and all(r["report"] for r in recs)
+    assert sorted(p.name for p in (spool / "outbox").glob("*.dcm")) == sorted(r["report"] for r in recs)
+    assert sum("could not forward" in line for line in svc.lines) == 1, svc.lines
+
+
+def test_quarantining_a_film_that_is_gone_raises_nothing(tmp_path):
+    """A film removed from films/ behind the worker's back: to_quarantine says so with None."""
+    sp = Spool(tmp_path / "spool")
+    keys = fill_spool(tmp_path / "spool", real_images(1, tmp_path))
+    (film,) = Spool(tmp_path / "spool").pending()
+    assert film.key == keys[0]
+    film.path.unlink()
+    assert sp.to_quarantine(film) is None
+    assert not list((tmp_path / "spool" / "quarantine").iterdir())
+
+
+def test_spool_size_counts_a_resent_film_once_when_the_worker_removes_the_old_copy(tmp_path, monkeypatch):
+    """The same key sent again while the worker removes the first copy (its result is written):
+    the bytes counted against --max-spool end equal to what films/ holds, never one copy less."""
+    import xray_edge.serve.spool as spool_mod
+
+    sp = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    sp.accept("1.2.3", b"x" * 1000, ".dcm", {})
+    (old,) = sp.pending()
+    real_write = spool_mod.durable_write
+
+    def write_while_the_worker_removes(path, data):
+        if path.suffix == ".dcm" and old.path.exists():
+            sp.done(old)  # the worker, between the receiver's look at films/ and its write
+        real_write(path, data)
+
+    monkeypatch.setattr(spool_mod, "durable_write", write_while_the_worker_removes)
+    sp.accept("1.2.3", b"y" * 3000, ".dcm", {})
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "spool" / "films").iterdir() if p.suffix == ".dcm")
+    assert on_disk == 3000 and sp._used == 3000
+    (film,) = sp.pending()
+    sp.done(film)
+    sp.done(film)  # a second removal subtracts nothing
+    assert sp._used == 0
 
 
 def test_serve_imports_no_tensorflow_or_keras(tmp_path, model):

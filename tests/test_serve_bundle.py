@@ -73,3 +73,27 @@ def test_bundle_installs_into_a_fresh_venv_and_serves(tmp_path):
         assert svc.wait(60) == 0
     finally:
         svc.kill()
+
+
+def test_bundle_refuses_a_manifest_without_a_files_object_in_one_line(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"schema": 1, "default": "xray.onnx", "files": ["xray.onnx"]}')
+    r = subprocess.run([sys.executable, str(ROOT / "packaging" / "make_bundle.py"), "--artifacts", str(tmp_path),
+                        "--out", str(tmp_path / "dist")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "'files'" in r.stderr
+    assert not (tmp_path / "dist").exists()
+
+
+def test_bundle_leaves_out_a_site_json_for_another_model(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "packaging"))
+    try:
+        from make_bundle import site_for
+    finally:
+        sys.path.remove(str(ROOT / "packaging"))
+    site = tmp_path / "site.json"
+    site.write_text('{"model_sha256": "' + "a" * 64 + '", "threshold": 0.4}')
+    assert site_for(site, "xray.onnx", "a" * 64) == site
+    assert site_for(site, "xray.onnx", "b" * 64) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning:") and "not bundled" in err
+    assert site_for(tmp_path / "absent.json", "xray.onnx", "a" * 64) is None

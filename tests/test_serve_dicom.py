@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("pynetdicom")
 
 from pydicom import dcmread  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, MPEG2MPML, RLELossless  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import (BasicTextSRStorage, ComputedRadiographyImageStorage,  # noqa: E402
                                   DigitalXRayImageStorageForPresentation, MRImageStorage, Verification)
@@ -70,18 +70,24 @@ def test_echo_store_report_forward_and_refusals(tmp_path, films, pacs):
         assert statuses == [0x0000] * 3
         recs = wait_results(spool, 3)
 
-        # a transfer syntax we do not take, and a storage class we do not take: refused at negotiation
+        # a transfer syntax we do not take (video), and a storage class we do not take: refused at
+        # negotiation; RLE Lossless, which pydicom decodes, is offered
+        from pydicom.pixels import get_decoder
+
         ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(DX, RLELossless)
+        ae.add_requested_context(DX, MPEG2MPML)
+        ae.add_requested_context(CR, RLELossless)
         ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", port)
         assert assoc.is_established
         rejected = {c.abstract_syntax: c.result for c in assoc.rejected_contexts}
         assert rejected == {DX: 0x04, MRImageStorage: 0x03}  # transfer syntax / abstract syntax not supported
+        rle = [c for c in assoc.accepted_contexts if c.transfer_syntax[0] == RLELossless]
+        assert bool(rle) == get_decoder(RLELossless).is_available
         with pytest.raises(ValueError, match="No presentation context"):
             ds = dcmread(films[0])
-            ds.file_meta.TransferSyntaxUID = RLELossless
+            ds.file_meta.TransferSyntaxUID = MPEG2MPML
             assoc.send_c_store(ds)
         assoc.release()
 

@@ -1,7 +1,7 @@
 """A DICOM Storage SCP (C-ECHO, C-STORE) that writes each film to the spool before answering.
 
 Only the radiography storage classes are offered, with the uncompressed transfer syntaxes and
-the JPEG ones the installed decoders read (asked of pydicom at start-up, so what is accepted is
+the JPEG and RLE ones the installed decoders read (asked of pydicom at start-up, so what is accepted is
 exactly what can be decoded). Anything else is refused at association negotiation, the DICOM way:
 the presentation context is rejected ("abstract syntax" or "transfer syntaxes not supported"),
 so the sender knows before sending and nothing is accepted and dropped. A calling AE title not
@@ -27,15 +27,17 @@ UNCOMPRESSED = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1
 JPEG = ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
         "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
         "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"]
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # pydicom's own decoder, or GDCM's
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
 def readable_syntaxes() -> list[str]:
-    """Uncompressed syntaxes plus the JPEG family members whose decoder is installed."""
+    """Uncompressed syntaxes plus the compressed ones (JPEG family, RLE Lossless) whose decoder
+    is installed."""
     from pydicom.pixels import get_decoder
 
     ok = []
-    for uid in JPEG:
+    for uid in JPEG + [RLE_LOSSLESS]:
         try:
             if get_decoder(uid).is_available:
                 ok.append(uid)

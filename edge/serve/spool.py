@@ -48,7 +48,10 @@ def film_key(sop_uid: str | None = None, data: bytes | None = None) -> str:
 
 
 def durable_write(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename, fsync the folder: after return the file survives a power cut."""
+    """Write temp, fsync, rename, fsync the folder: after return the file survives a power cut.
+
+    Not files.atomic_write_bytes: that one gives the umask's mode (often world-readable) and
+    makes missing folders; films and reports are patient data, kept 0640 in folders that exist."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
@@ -96,7 +99,11 @@ class Spool:
         for meta in self.films.glob("*.json"):  # a kill between a film's metadata and its bytes
             if meta.stem not in films:
                 meta.unlink(missing_ok=True)
-        self._used = sum(p.stat().st_size for p in self.films.iterdir() if p.is_file())
+        # Bytes of each waiting film by file name: a film sent again replaces its entry, so a
+        # resent film is counted once however the receivers and the worker interleave.
+        self._sizes = {p.name: p.stat().st_size for p in self.films.iterdir()
+                       if p.is_file() and p.suffix != ".json" and not p.name.startswith(".")}
+        self._used = sum(self._sizes.values())
         self.wake = threading.Event()  # set when a film arrives
         self.finished = self.done_keys()  # key -> status of its result line
 
@@ -120,10 +127,6 @@ class Spool:
             self._used += need
         path = self.films / f"{key}{ext}"
         try:
-            replaced = path.stat().st_size  # the same SOP Instance UID sent again while waiting
-        except FileNotFoundError:
-            replaced = 0
-        try:
             durable_write(self.films / f"{key}.json", json.dumps(meta).encode())
             durable_write(path, data)
         except OSError as exc:
@@ -132,8 +135,14 @@ class Spool:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull("the disk is full") from None
             raise
-        with self._lock:
-            self._used -= replaced
+        with self._lock:  # settle with the disk: an old copy (same key sent again) was replaced, or
+            try:          # the worker removed this one meanwhile (its key already had a result)
+                now = path.stat().st_size
+            except FileNotFoundError:
+                now = 0
+            self._used += now - need - self._sizes.pop(path.name, 0)
+            if now:
+                self._sizes[path.name] = now
         self.wake.set()
         return path
 
@@ -167,25 +176,25 @@ class Spool:
     def write_reason(self, film: Film, reason: str) -> None:
         durable_write(self.quarantine / f"{film.key}.reason.txt", (reason.replace("\n", " ") + "\n").encode())
 
-    def to_quarantine(self, film: Film) -> Path:
-        """Move a film aside (its reason file is written first, see `write_reason`)."""
-        size = film.path.stat().st_size if film.path.exists() else 0
+    def to_quarantine(self, film: Film) -> Path | None:
+        """Move a film aside (its reason file is written first, see `write_reason`); None when the
+        film is no longer in films/ (nothing is moved, nothing raised)."""
         dest = self.quarantine / film.path.name
-        os.replace(film.path, dest)
-        fsync_dir(self.quarantine)
-        with self._lock:
-            self._used -= size
+        with self._lock:  # the move and its accounting as one step (see `accept`)
+            try:
+                os.replace(film.path, dest)
+            except FileNotFoundError:
+                dest = None
+            self._used -= self._sizes.pop(film.path.name, 0)
+        if dest is not None:
+            fsync_dir(self.quarantine)
         (self.films / f"{film.key}.json").unlink(missing_ok=True)
         return dest
 
     def _remove(self, path: Path) -> None:
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            return
-        with self._lock:
-            self._used -= size
+        with self._lock:  # the removal and its accounting as one step (see `accept`)
+            path.unlink(missing_ok=True)
+            self._used -= self._sizes.pop(path.name, 0)
 
     # ---------------------------------------------------------------- results
     def done_keys(self) -> dict[str, str]:

@@ -18,12 +18,14 @@ def spool_status(root: Path) -> dict:
     labels: Counter = Counter()
     window: list[tuple[float, bool]] = []
     last = None
+    unlike = 0  # labelled films the input gate flagged as unlike the training films
     names = service.get("labels") or []
     for rec in read_results(root / RESULTS):
         counts[rec.get("status", "?")] += 1
         last = rec.get("time", last)
         if rec.get("status") == "classified":
             labels[rec.get("label")] += 1
+            unlike += bool(rec.get("unlike_training"))
             scores = rec.get("scores") or {}
             if len(names) == 2 and names[1] in scores:
                 window.append((float(scores[names[1]]), rec.get("label") == names[1]))
@@ -41,6 +43,7 @@ def spool_status(root: Path) -> dict:
         "spool": str(root),
         "model": service.get("model"), "model_sha256": service.get("model_sha256"),
         "received": done + waiting, "waiting": waiting, "classified": classified,
+        "unlike_training": unlike,
         "quarantined": counts.get("quarantined", 0), "refused": counts.get("refused", 0),
         "rates": {lab: round(n / classified, 4) for lab, n in sorted(labels.items())} if classified else {},
         "last_film": last,
@@ -67,7 +70,8 @@ def format_status(s: dict) -> str:
         f"spool        {s['spool']}",
         f"model        {s['model'] or '-'} ({(s['model_sha256'] or '-')[:12]})",
         f"received     {s['received']} ({s['waiting']} waiting)",
-        f"classified   {s['classified']}",
+        f"classified   {s['classified']}"
+        + (f" ({s['unlike_training']} unlike the training films)" if s.get("unlike_training") else ""),
         f"quarantined  {s['quarantined']}",
         f"refused      {s['refused']}",
         f"rates        {rates}",

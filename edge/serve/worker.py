@@ -3,7 +3,9 @@
 Order per film, so that a kill at any point loses nothing and repeats nothing:
 classify -> (DICOM) SR into outbox/ -> result line appended and fsynced -> film removed.
 A kill before the line: the film is still in films/ and is classified on restart. A kill after
-the line: the key is in results.jsonl and the film is only removed on restart.
+the line: the key is in results.jsonl and the film is only removed on restart. An SR that cannot
+be built or written does not cost the film its label: the line says `report_error` instead.
+A film goes to quarantine only when it has no result line.
 """
 
 from __future__ import annotations
@@ -32,14 +34,6 @@ class ServeConfig:
     stop_when_idle: bool = False  # --exit-when-idle: return once the spool is empty
 
 
-def status_of(prediction) -> str:
-    """'refused' when a Prediction says the film was declined, else 'classified'. (The input gate
-    of issue 23 yields an ImageError with a `rule` instead: see `Worker._refused`.)"""
-    if getattr(prediction, "refused", False) or getattr(prediction, "status", None) == "refused":
-        return "refused"
-    return "classified"
-
-
 class Worker:
     def __init__(self, spool: Spool, clf, loaded, threshold_source: str, cfg: ServeConfig, log,
                  drift: DriftMonitor | None = None):
@@ -47,6 +41,7 @@ class Worker:
         self.threshold_source = threshold_source
         self.drift = drift
         self._last_forward_try = 0.0
+        self._forward_down = False  # a forward failed: new SRs wait in outbox/ for _retry_forwards
 
     def run(self, stop: threading.Event) -> None:
         """Classify until `stop` is set (the current film is finished first)."""
@@ -57,8 +52,8 @@ class Worker:
             for f in films:
                 self._settle(f)  # also the same SOP Instance UID sent again after its result
             films = [f for f in films if f.key not in self.spool.finished]
+            self._retry_forwards()  # at most every 30 s, busy or idle
             if not films:
-                self._retry_forwards()
                 if self.cfg.stop_when_idle:
                     return
                 self.spool.wake.wait(0.5)
@@ -73,24 +68,37 @@ class Worker:
             for film, item in zip(films, results):
                 try:
                     self._one(film, item)
-                except Exception as exc:  # noqa: BLE001 - e.g. an SR that cannot be written: quarantine
-                    self._quarantine(film, f"cannot finish: {type(exc).__name__}: {first_line(exc)}")
+                except Exception as exc:  # noqa: BLE001 - one film's failure must not stop the service
+                    self._failed(film, f"{type(exc).__name__}: {first_line(exc)}")
                 if stop.is_set():
                     return
         finally:
             results.close()
 
+    def _failed(self, film: Film, why: str) -> None:
+        """After an exception: a film with its result line keeps it (only the removal is left);
+        one without is quarantined, once."""
+        try:
+            if film.key in self.spool.finished:
+                self.log(f"{now_iso()} {film.key}: after its result line: {why}")
+                self.spool.done(film)
+            else:
+                self._quarantine(film, f"cannot finish: {why}")
+        except Exception as exc:  # noqa: BLE001 - e.g. the disk gone read-only: say so, go on
+            self.log(f"{now_iso()} {film.key}: {why}; then {type(exc).__name__}: {first_line(exc)}")
+
     def _settle(self, film: Film) -> None:
         """A film whose key has a result: quarantine it if that result says so, else remove it."""
         status = self.spool.finished.get(film.key)
         if status == "quarantined":
-            self.spool.to_quarantine(film)
+            if self.spool.to_quarantine(film) is None:
+                self.log(f"{now_iso()} {film.key}: gone from films/ before it was moved to quarantine/")
         elif status is not None:
             self.spool.done(film)
 
     def _one(self, film: Film, item) -> None:
         if isinstance(item, ImageError) and getattr(item, "rule", None):
-            self._refused(film, item)  # the input gate's decision (issue 23): not a broken file
+            self._refused(film, item)  # the input gate's NotChestRadiograph: a decision, not a broken file
             return
         if isinstance(item, ImageError):
             self._quarantine(film, item.reason)
@@ -101,18 +109,21 @@ class Worker:
         rec.update(label=item.label, probability=round(item.probability, 6),
                    scores={k: round(v, 6) for k, v in item.scores.items()},
                    decode_ms=round(item.decode_ms, 2), infer_ms=round(item.infer_ms, 2),
-                   status=status_of(item))
-        if rec["status"] == "refused":
-            rec["reason"] = str(getattr(item, "reason", "") or "refused by the input gate")
-        elif header is not None and self.cfg.reports:
-            rec["report"] = self._report(header, rec)
+                   status="classified", unlike_training=list(item.unlike_training))
+        if header is not None and self.cfg.reports:
+            try:
+                rec["report"] = self._report(header, rec)
+            except Exception as exc:  # noqa: BLE001 - the label stands without its SR
+                rec["report_error"] = f"{type(exc).__name__}: {first_line(exc)}"
         rec["received"] = round(film.received, 3) if film.received else None
         rec["receive_to_result_ms"] = round((time.time() - film.received) * 1e3, 1) if film.received else None
         self.spool.append_result(rec)
         self.spool.done(film)
-        self.log(f"{rec['time']} {rec['status']} {rec.get('sop_instance_uid') or rec.get('path')}: "
-                 f"{item.label} p={item.probability:.3f}")
-        if self.drift is not None and rec["status"] == "classified" and len(labels) == 2:
+        self.log(f"{rec['time']} classified {rec.get('sop_instance_uid') or rec.get('path')}: "
+                 f"{item.label} p={item.probability:.3f}"
+                 + (f" (unlike training: {', '.join(rec['unlike_training'])})" if rec["unlike_training"] else "")
+                 + (f" (no report: {rec['report_error']})" if "report_error" in rec else ""))
+        if self.drift is not None and len(labels) == 2:
             line = self.drift.add(item.scores[labels[1]], item.label == labels[1])
             if line:
                 self.log(line)
@@ -159,8 +170,11 @@ class Worker:
         rec.update(status="quarantined", reason=reason)
         self.spool.write_reason(film, reason)
         self.spool.append_result(rec)
-        self.spool.to_quarantine(film)
-        self.log(f"{rec['time']} quarantined {rec.get('sop_instance_uid') or rec.get('path') or film.key}: {reason}")
+        name = rec.get("sop_instance_uid") or rec.get("path") or film.key
+        if self.spool.to_quarantine(film) is None:
+            self.log(f"{rec['time']} quarantined {name}: {reason} (the film itself was gone from films/)")
+            return
+        self.log(f"{rec['time']} quarantined {name}: {reason}")
 
     def _report(self, header, rec: dict) -> str:
         from xray_edge.serve.report_sr import build_sr, encode
@@ -168,7 +182,7 @@ class Worker:
         ds = build_sr(header, rec)
         path = self.spool.outbox / f"{ds.SOPInstanceUID}.dcm"
         durable_write(path, encode(ds))
-        if self.cfg.forward:
+        if self.cfg.forward and not self._forward_down:  # a down destination: no 10 s wait per film
             self._forward(path)
         return path.name
 
@@ -177,12 +191,16 @@ class Worker:
 
         why = forward(path, self.cfg.forward, self.cfg.our_ae)
         if why is None:
+            self._forward_down = False
             sent = self.spool.outbox / "sent"
             sent.mkdir(exist_ok=True)
             os.replace(path, sent / path.name)
             return True
+        self._forward_down = True
+        self._last_forward_try = time.monotonic()
         ae, host, port = self.cfg.forward
-        self.log(f"could not forward {path.name} to {ae}@{host}:{port}: {why} (kept in outbox/, retried)")
+        self.log(f"could not forward {path.name} to {ae}@{host}:{port}: {why} "
+                 "(kept in outbox/ with the next ones, retried every 30 s)")
         return False
 
     def _retry_forwards(self) -> None:
