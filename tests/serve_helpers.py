@@ -32,7 +32,7 @@ def brightness_model(folder: Path, center: float = 110.0, scale: float = 25.0,
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from xray_edge.serve.drift import score_distribution
+    from xray_edge.metrics import score_distribution
 
     size = Preprocessing().size
     nodes = [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),

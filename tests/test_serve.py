@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from serve_helpers import SHARED, Service, brightness_model, real_images, results, wait_results
-from xray_edge.serve.drift import assess, binomial_p, psi, psi_bound, score_distribution
+from xray_edge.metrics import score_distribution
+from xray_edge.serve.drift import assess, binomial_p, psi, psi_bound
 from xray_edge.serve.spool import Spool, film_key
 
 

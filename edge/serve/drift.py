@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xray_edge.metrics import score_distribution  # noqa: F401 - the stored reference's shape
 
 PSI_BOUND = 0.25
 CHI2_9_999 = 27.877  # 99.9th percentile of chi-square with 9 degrees of freedom
