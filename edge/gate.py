@@ -286,8 +286,11 @@ def reference_of_statistics(rows: list[dict], percentiles=REFERENCE_PERCENTILES,
 
 
 def rules_for_films(images, rules: GateRules = DEFAULT_RULES) -> dict:
-    """`rules` with the reference of these films, as the manifest's input_gate records them."""
-    return replace(rules, reference=reference_ranges(images)).to_dict()
+    """`rules` with the reference of these films, as the manifest's input_gate records them.
+
+    Only the films the gate accepts count: one it refuses would widen the ranges it flags by."""
+    rows = [st for st in map(image_statistics, images) if check_statistics(st, rules) is None]
+    return replace(rules, reference=reference_of_statistics(rows)).to_dict()
 
 
 # --------------------------------------------------------------------------- entry point

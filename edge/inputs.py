@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 
 from xray_edge.errors import ImageError, first_line
 from xray_edge.files import special_kind
-from xray_edge.preprocess import IMAGE_SUFFIXES, has_dicom_preamble
+from xray_edge.decode import IMAGE_SUFFIXES, has_dicom_preamble
 
 _GLOB_CHARS = set("*?[")
 

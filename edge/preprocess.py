@@ -15,10 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xray_edge.decode import (  # noqa: F401 - re-exported: the names callers have always used
-    DECODE_BUDGET, DICOM_SUFFIXES, IMAGE_SUFFIXES, MAX_PIXELS, MIN_SIDE, PixelBudget, check_file,
-    check_size, has_dicom_preamble, high_depth_to_uint8, is_dicom, read_pillow, release_freed_memory,
-)
+from xray_edge.decode import MIN_SIDE, check_file, is_dicom, read_pillow
 from xray_edge.errors import ImageError
 
 # Bump whenever the pixels this module produces change: the training cache and the manifest

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from xray_edge.errors import ImageError
-from xray_edge.preprocess import MAX_PIXELS, Preprocessing, high_depth_to_uint8, load_image
+from xray_edge.decode import MAX_PIXELS, high_depth_to_uint8
+from xray_edge.preprocess import Preprocessing, load_image
 
 
 def gradient(w=300, h=240) -> np.ndarray:
@@ -219,7 +220,7 @@ def test_pixel_budget_never_admits_more_than_its_capacity():
     import threading
     import time
 
-    from xray_edge.preprocess import PixelBudget
+    from xray_edge.decode import PixelBudget
 
     budget, lock, now, peak = PixelBudget(100), threading.Lock(), [0], [0]
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from xray_edge.errors import DatasetError
 from xray_edge.folders import ClassImages, class_folders, walk_classes
-from xray_edge.preprocess import IMAGE_SUFFIXES
+from xray_edge.decode import IMAGE_SUFFIXES
 
 SYNTHETIC_MARKER = "SYNTHETIC"  # a file at the dataset root: the images are generated phantoms
 PATIENTS_FILE = "labels.csv"  # optional, at a source's root: columns `file` and `patient`

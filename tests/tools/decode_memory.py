@@ -20,7 +20,7 @@ def make(folder: Path, kind: str, count: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from xray_edge.preprocess import MAX_PIXELS
+    from xray_edge.decode import MAX_PIXELS
 
     side = int(MAX_PIXELS ** 0.5)
     folder.mkdir(parents=True, exist_ok=True)
