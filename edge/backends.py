@@ -8,9 +8,11 @@ Pixel scaling is inside the model, so no backend restates any normalization.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import sys
+import time
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from xray_edge.errors import ModelError, RuntimeMissing, first_line
-from xray_edge.files import MAX_MODEL_BYTES, read_regular
+from xray_edge.files import MAX_MODEL_BYTES, open_regular, read_regular
 
 EXTRA = {"litert": "litert", "tflite": "tflite", "onnxruntime": "onnx"}
 DIST = {"litert": "ai-edge-litert", "tflite": "tflite-runtime", "onnxruntime": "onnxruntime"}
@@ -64,11 +66,12 @@ def choose_backend(model_path: Path, requested: str = "auto") -> str:
 
 
 def open_backend(model_path: Path, backend: str = "auto", threads: int | None = None,
-                 content: bytes | None = None):
+                 content: "bytes | MappedModel | None" = None):
     """Load a model in a runtime and return an object with `.predict(image) -> probs`.
 
     `content` is the model file's bytes, already read (and checked against the manifest's
     sha256) by the caller: the runtime loads those bytes, so the file cannot change in between.
+    A `MappedModel` (.tflite only) is loaded from the caller's open file instead.
     """
     name = choose_backend(model_path, backend)
     data = content if content is not None else read_model_bytes(model_path)
@@ -86,6 +89,64 @@ def read_model_bytes(path: Path) -> bytes:
         raise ModelError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
 
 
+# A file changed this recently may change again within one tick of the file system's clock and keep
+# its ctime: it is read into memory, not mapped (as git treats "racily clean" index entries).
+RACY_CTIME_NS = 2_000_000_000
+
+
+class MappedModel:
+    """A .tflite file open read-only, loaded by the runtime from this same open file
+    (/proc/self/fd/N, so a rename cannot swap it; the runtime maps it, no private copy is made)
+    and hashed by reading it through a small buffer.
+
+    What was hashed is what the runtime read unless the file was written in between; every
+    write, truncation or chmod sets the file's ctime to the current time, and user space
+    cannot set it back, so `unchanged()` (size, mtime and ctime as at opening) after the load
+    is the proof. For short-lived processes: a long-running one keeps a copy (open_model).
+    """
+
+    def __init__(self, path: Path, file, st: os.stat_result):
+        self.path, self.file, self._st = path, file, st
+
+    @property
+    def runtime_path(self) -> str:
+        return f"/proc/self/fd/{self.file.fileno()}"
+
+    def sha256(self) -> str:
+        """The file's sha256, read from its start through a reused 1 MiB buffer."""
+        h, buf = hashlib.sha256(), bytearray(1 << 20)
+        view = memoryview(buf)
+        self.file.seek(0)
+        while n := self.file.readinto(buf):
+            h.update(view[:n])
+        return h.hexdigest()
+
+    def unchanged(self) -> bool:
+        st = os.fstat(self.file.fileno())
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (self._st.st_size, self._st.st_mtime_ns,
+                                                                self._st.st_ctime_ns)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def map_model(path: Path) -> MappedModel | None:
+    """The file open for the runtime to map (see MappedModel), or None where that proves less
+    than a copy: no /proc/self/fd, an empty file, or one changed in the last RACY_CTIME_NS.
+    ModelError when it cannot be opened (a FIFO, a device, over the size limit)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        f = open_regular(path, MAX_MODEL_BYTES)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
+    st = os.fstat(f.fileno())
+    if st.st_size == 0 or time.time_ns() - st.st_ctime_ns < RACY_CTIME_NS:
+        f.close()
+        return None
+    return MappedModel(path, f, st)
+
+
 @contextmanager
 def quiet_stderr():
     """Send C-level writes to fd 2 to a scratch file while a runtime loads.
@@ -93,21 +154,25 @@ def quiet_stderr():
     LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" from C++ and has no Python
     switch for it. A failed load still raises, with its message; only the print is dropped.
     """
-    import tempfile
-
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):  # no fd 2 (embedded interpreters): nothing to silence
         yield
         return
-    with tempfile.TemporaryFile() as scratch:
-        os.dup2(scratch.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    try:
+        sink = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no /dev/null in a bare chroot: the line is printed
+        os.close(saved)
+        yield
+        return
+    os.dup2(sink, 2)
+    os.close(sink)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _interpreter_class(name: str):
@@ -157,12 +222,16 @@ class TFLiteBackend:
     """LiteRT or tflite-runtime interpreter, allocated once, invoked per image."""
 
     def __init__(self, path: Path, name: str, interpreter_cls, threads: int | None = None,
-                 content: bytes | None = None):
+                 content: bytes | MappedModel | None = None):
         self.name = name
-        self._content = content if content is not None else read_model_bytes(path)  # the runtime reads it in place
+        if isinstance(content, MappedModel):  # the runtime maps the caller's open file itself
+            self._content, source = None, {"model_path": content.runtime_path}
+        else:
+            self._content = content if content is not None else read_model_bytes(path)  # the runtime reads it in place
+            source = {"model_content": self._content}
         try:
             with quiet_stderr():
-                self._it = interpreter_cls(model_content=self._content, num_threads=threads)
+                self._it = interpreter_cls(**source, num_threads=threads)
                 self._it.allocate_tensors()
             inputs, outputs = self._it.get_input_details(), self._it.get_output_details()
         except Exception as exc:  # noqa: BLE001 - ValueError / RuntimeError from the C++ loader

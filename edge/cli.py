@@ -470,7 +470,8 @@ def classify(inputs, model, file_name, backend, threshold, threads, as_json, nul
     from xray_edge.output import Printer
 
     with tool_errors():
-        clf, loaded, threshold_source = _open_classifier(model, file_name, backend, threads, threshold)
+        # mapped: a one-shot process need not copy the model into memory (model.open_model)
+        clf, loaded, threshold_source = _open_classifier(model, file_name, backend, threads, threshold, mapped=True)
         clf.rules = _gate_rules(loaded, accept_modality, accept_body_part, accept_view)
     if clf.info.synthetic_data:
         click.secho("warning: this model was trained on SYNTHETIC phantom data, not X-rays", fg="yellow", err=True)
@@ -505,12 +506,12 @@ def _wants_progress(inputs) -> bool:
     return tty and any(os.path.isdir(i) for i in inputs if i != "-")
 
 
-def _open_classifier(model, file_name, backend, threads, threshold):
+def _open_classifier(model, file_name, backend, threads, threshold, mapped=False):
     from xray_edge.classify import Classifier
     from xray_edge.model import open_model
     from xray_edge.site import resolve_threshold
 
-    loaded = open_model(model, file_name, backend, threads or os.cpu_count())
+    loaded = open_model(model, file_name, backend, threads or os.cpu_count(), mapped=mapped)
     threshold, source = resolve_threshold(loaded.path, loaded.sha256, loaded.info.threshold,
                                           "manifest" if loaded.resolved.manifest else "model file", threshold)
     return Classifier(loaded.backend, loaded.info, threshold), loaded, source

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +121,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     An interrupted write leaves at most a `.tmp` file, never a truncated file under the final
     name (rename is atomic on POSIX within one filesystem).
     """
+    import tempfile  # with shutil, bz2, lzma and random: not on the classify path, which only reads
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
@@ -158,6 +159,8 @@ def check_folder_writable(folder: str | os.PathLike, named: str | os.PathLike | 
     Raises:
         XrayEdgeError: in one line, naming `named` (default: the folder) and the reason.
     """
+    import tempfile
+
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -78,13 +78,15 @@ def tflite_with_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     return flatbuffer + buf.getvalue()
 
 
-def read_tflite_metadata(path: Path, data: bytes | None = None) -> dict | None:
+def read_tflite_metadata(path: Path, data=None) -> dict | None:
     """The dict appended by `tflite_with_metadata`, or None if the file has none.
 
-    `data`: the file's bytes when already read (then `path` only names it in errors).
+    `data`: the file's bytes, or a binary file open on it, when already read or opened (then
+    `path` only names it in errors). zipfile reads only the archive's end of a file.
     """
+    source = path if data is None else io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
-        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as z:
+        with zipfile.ZipFile(source) as z:
             raw = _read_member(z, TFLITE_MEMBER, path)
     except (zipfile.BadZipFile, KeyError, OSError, ValueError, EOFError, RuntimeError,
             NotImplementedError, zlib.error):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_edge.backends import choose_backend, open_backend, read_model_bytes
+from xray_edge.backends import MappedModel, choose_backend, map_model, open_backend, read_model_bytes
 from xray_edge.errors import ModelError, first_line
 from xray_edge.files import MAX_MODEL_BYTES, read_regular
 from xray_edge.manifest import MANIFEST_NAME, FileEntry, Manifest, check_digest, read_manifest
@@ -40,7 +40,7 @@ class LoadedModel:
 
 
 def open_model(model: str | Path, file_name: str | None = None, backend: str = "auto",
-               threads: int | None = None) -> LoadedModel:
+               threads: int | None = None, *, mapped: bool = False) -> LoadedModel:
     """Resolve, verify and load a model: the one entry point of classify, info and bench.
 
     The file is read once; its sha256 is checked against the manifest and the runtime loads
@@ -50,6 +50,13 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
     preprocessing, the outputs fit the labels, the labels embedded in the file agree with the
     manifest's, and one inference on a blank image runs.
 
+    `mapped=True` (a .tflite file; for short-lived processes such as `classify`): the runtime
+    maps the file instead of getting a copy in memory; it is hashed by reading it through a
+    small buffer, and loaded from the same open file, which must then show the size, mtime and
+    ctime it had when opened
+    (`backends.MappedModel`); a file changed in the last 2 s is read as usual. A long-running
+    process keeps the copy: page-cache eviction or a later write cannot change what it runs.
+
     Raises:
         ModelError: missing/malformed manifest, unlisted or mismatching file, unloadable model,
             a model that does not fit its manifest.
@@ -57,11 +64,20 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
     """
     resolved = resolve_model(model, file_name)
     choose_backend(resolved.path, backend)  # an unknown file type or backend fails before reading
-    data = read_model_bytes(resolved.path)
+    source = map_model(resolved.path) if mapped and resolved.path.suffix.lower() == ".tflite" else None
+    try:
+        return _load(resolved, backend, threads, source if source is not None else read_model_bytes(resolved.path))
+    finally:
+        if source is not None:
+            source.close()  # the runtime holds its own mapping
+
+
+def _load(resolved: ResolvedModel, backend: str, threads: int | None, data: bytes | MappedModel) -> LoadedModel:
+    """open_model's checks on the bytes read or the file mapped."""
     # Hash on a second thread while the runtime parses the same bytes (both release the GIL);
     # nothing runs on the model before the digest has matched.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        digest = pool.submit(data.sha256 if isinstance(data, MappedModel) else lambda: hashlib.sha256(data).hexdigest())
         try:
             be = open_backend(resolved.path, backend, threads, content=data)
         except ModelError:
@@ -71,7 +87,7 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
         sha = digest.result()
     if resolved.entry is not None:
         check_digest(resolved.entry, resolved.path, sha)
-    info = model_info(resolved, be, data)
+    info = model_info(resolved, be, data.file if isinstance(data, MappedModel) else data)
     check_fit(resolved.path, be, info)
     t = time.perf_counter()
     try:
@@ -83,6 +99,8 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
     _check_units(resolved.path, y.shape[-1] if y.ndim == 1 else None, info, "gives")
     if not np.all(np.isfinite(y)):
         raise ModelError(f"{resolved.path}: gives a non-finite output ({y.tolist()[:4]}) on a blank image")
+    if isinstance(data, MappedModel) and not data.unchanged():
+        raise ModelError(f"{resolved.path}: changed while it was being loaded (run again once it is written)")
     return LoadedModel(resolved, be, info, sha, first_ms)
 
 
@@ -145,9 +163,10 @@ def _resolve(model: str | Path, file_name: str | None = None) -> ResolvedModel:
     return ResolvedModel(p, None, None)
 
 
-def model_info(resolved: ResolvedModel, backend=None, data: bytes | None = None) -> ModelInfo:
+def model_info(resolved: ResolvedModel, backend=None, data=None) -> ModelInfo:
     """Labels, threshold and preprocessing: from the manifest, else from the file itself.
 
+    `data`: the file's bytes or a binary file open on it, when already read or opened.
     When both exist, the labels embedded in the file must be the manifest's: swapped labels
     would invert every answer.
     """
@@ -167,7 +186,7 @@ def model_info(resolved: ResolvedModel, backend=None, data: bytes | None = None)
     return ModelInfo.from_dict(embedded)
 
 
-def _embedded(path: Path, backend, data: bytes | None) -> dict | None:
+def _embedded(path: Path, backend, data) -> dict | None:
     if path.suffix.lower() == ".onnx":
         return parse_onnx_metadata(getattr(backend, "metadata", {}) or {}, path)
     return read_tflite_metadata(path, data)
