@@ -97,7 +97,7 @@ RACY_CTIME_NS = 2_000_000_000
 class MappedModel:
     """A .tflite file open read-only, loaded by the runtime from this same open file
     (/proc/self/fd/N, so a rename cannot swap it; the runtime maps it, no private copy is made)
-    and hashed by reading it through a small buffer.
+    and hashed through a mapping of it.
 
     What was hashed is what the runtime read unless the file was written in between; every
     write, truncation or chmod sets the file's ctime to the current time, and user space
@@ -113,13 +113,13 @@ class MappedModel:
         return f"/proc/self/fd/{self.file.fileno()}"
 
     def sha256(self) -> str:
-        """The file's sha256, read from its start through a reused 1 MiB buffer."""
-        h, buf = hashlib.sha256(), bytearray(1 << 20)
-        view = memoryview(buf)
-        self.file.seek(0)
-        while n := self.file.readinto(buf):
-            h.update(view[:n])
-        return h.hexdigest()
+        """The file's sha256, hashed through a mapping in one call that releases the GIL
+        throughout: the runtime holds the GIL while it packs the weights, and a loop of reads
+        would wait for it at every chunk instead of hashing beside it."""
+        import mmap
+
+        with mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return hashlib.sha256(m).hexdigest()
 
     def unchanged(self) -> bool:
         st = os.fstat(self.file.fileno())
