@@ -46,7 +46,7 @@ from xray_edge.inputs import expand_inputs
 t2 = time.perf_counter()
 from xray_edge.model import open_model
 import os
-loaded = open_model(sys.argv[1], threads=os.cpu_count())
+loaded = open_model(sys.argv[1], threads=os.cpu_count(), mapped=True)  # as classify loads it
 t3 = time.perf_counter()
 out = list(Classifier(loaded.backend, loaded.info).classify_paths(expand_inputs([sys.argv[2]])))
 assert hasattr(out[0], 'label'), f'not a classification: {out[0]}'  # a refusal is no figure
