@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_edge import metrics
 from xray_edge.classify import predicted_classes
 from xray_edge.errors import ModelError, XrayEdgeError, first_line
 from xray_edge.files import atomic_write_json, check_schema, read_json_record
-from xray_edge.folders import walk_classes
 from xray_edge.gate import DEFAULT_RULES, GateRules, loader
 from xray_edge.manifest import check_sha256, check_threshold
 from xray_edge.preprocess import Preprocessing, load_images
@@ -123,6 +121,8 @@ def find_site_images(root: Path, classes: tuple[str, ...]) -> SiteImages:
     """SITE/<class>/* for each of the model's classes (recursive, as classify walks folders)."""
     if not root.is_dir():
         raise XrayEdgeError(f"{root}: not a folder (expected {root}/<class>/* for {', '.join(classes)})")
+    from xray_edge.folders import walk_classes
+
     found = walk_classes(root, list(classes))
     return SiteImages(found.paths, found.labels, found.ignored)
 
@@ -134,6 +134,8 @@ def split_half(y_pos: np.ndarray, probs: np.ndarray, pos: int, target: float,
     The figures at the site threshold are measured on the images it was chosen on, so they
     flatter it; this is what to expect on the site's next cases.
     """
+    from xray_edge import metrics  # calibration only: not imported by classify
+
     rng = np.random.default_rng(seed)
     y = np.asarray(y_pos, bool)
     sens, spec, acc = [], [], []
@@ -166,6 +168,8 @@ def choose(y: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], pos: int,
     Returns:
         (threshold on P(labels[1]), figures dict for site.json).
     """
+    from xray_edge import metrics  # calibration only: not imported by classify
+
     y_pos = np.asarray(y) == pos
     thr = metrics.output_threshold_for_sensitivity(y_pos, probs, pos, target)
     figures = {"roc_auc": metrics.roc_auc(y_pos, metrics.positive_score(probs, pos))}
@@ -218,6 +222,8 @@ def calibrate(predict, classes: tuple[str, ...], pos: int, spec: Preprocessing, 
 def calibrate_model(loaded, site: Path, target: float,
                     rules: GateRules = DEFAULT_RULES) -> tuple[SiteCalibration, list[str]]:
     """`calibrate` with a model from `xray_edge.model.open_model`; the record for its folder."""
+    from xray_edge import metrics  # calibration only: not imported by classify
+
     info = loaded.info
     manifest = loaded.resolved.manifest
     named = manifest.positive_class if manifest else None
