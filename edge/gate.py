@@ -217,8 +217,8 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     falloff: the steepest fall of the power spectrum from one octave to the next, 1 to 32 cycles
         per image, as an exponent (a film's spectrum falls like a power law, k^-2 to k^-5; noise
         blurred at one scale falls off a cliff there, k^-6 and steeper).
-    lungs: the bottom centre (heart, diaphragm, spine: rows 80-95%, columns 40-60%) minus the
-        darkest tenth of the lung fields (rows 30-65%, columns 20-40% and 60-80%), over the
+    lungs: the median grey of the bottom centre (heart, diaphragm, spine: rows 80-95%, columns
+        40-60%) minus the darkest tenth of the lung fields (rows 30-65%, columns 20-40% and 60-80%), over the
         contrast (a chest film's lungs hold air: positive, frontal or lateral).
     """
     x = np.asarray(image)
@@ -296,7 +296,9 @@ def _lungs(g: np.ndarray) -> float:
     rows = slice(int(h * 0.3), int(h * 0.65))
     fields = np.concatenate([g[rows, int(w * 0.2):int(w * 0.4)].ravel(), g[rows, int(w * 0.6):int(w * 0.8)].ravel()])
     darkest_tenth = np.partition(fields, len(fields) // 10)[len(fields) // 10]
-    return float(g[int(h * 0.8):int(h * 0.95), int(w * 0.4):int(w * 0.6)].mean() - darkest_tenth)
+    # the median, not the mean: a small bright vertebra on black air is not a dense centre
+    centre = g[int(h * 0.8):int(h * 0.95), int(w * 0.4):int(w * 0.6)].ravel()
+    return float(np.partition(centre, len(centre) // 2)[len(centre) // 2] - darkest_tenth)
 
 
 def check_statistics(stats: dict, rules: GateRules = DEFAULT_RULES) -> tuple[str, str] | None:
