@@ -1,6 +1,6 @@
 """Accepted / refused per set by the input gate (xray_edge.gate): the evidence for its bounds.
 
-    python tests/tools/gate_eval.py [--data ../shared/data] [--stats] [--refused]
+    python tests/tools/gate_eval.py [--data ../shared/data] [--stats] [--refused] [--rules]
 
 Sets: the real chest films of DATA (every <set>/<class>/* image; skipped without DATA), the
 phantoms `make train` draws (train/phantom.py), and non-radiographs built here: uniform and
@@ -10,7 +10,8 @@ rendered with Pillow, colour pictures (shapes, a red square on black, an explain
 over a film), the pixels of pydicom's own test files of other modalities saved as PNG
 (screenshots; its CT and MR slices upside down too), drawn slices (a Shepp-Logan head phantom,
 axial chest CT slices), and the DICOM files themselves. Prints a table; --stats adds each statistic's 0.5/1/50/99/99.5 percentiles per set,
---refused lists each refused real film with its reason.
+--refused lists each refused real film with its reason, --rules how many files of each set
+each rule refused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +268,7 @@ def main(argv=None) -> int:
                     help="the shared data folder (default: ../shared/data beside the repository)")
     ap.add_argument("--stats", action="store_true", help="percentiles of each statistic per set")
     ap.add_argument("--refused", action="store_true", help="list the refused real films")
+    ap.add_argument("--rules", action="store_true", help="how many files of each set each rule refused")
     ap.add_argument("--reference", default="real: nih-adult",
                     help="the set whose even-numbered films make the training reference of the "
                          "'unlike training' flag (default: %(default)s)")
@@ -296,6 +299,9 @@ def main(argv=None) -> int:
                 for p, d, reason, _ in rows:
                     if d is not None and d.accepted:
                         print(f"    ACCEPTED {p.name}: {d.statistics}")
+            if args.rules and ref:
+                counts = Counter(d.rule for _, d, _, _ in rows if d is not None and not d.accepted)
+                print("    refused by: " + ", ".join(f"{rule} {n}" for rule, n in counts.most_common()))
             if args.refused and chest:
                 for p, d, reason, _ in rows:
                     if d is not None and not d.accepted:
