@@ -9,7 +9,8 @@ Two checks, in this order, both on the device without TensorFlow:
    texture, shares of white, black and flat grey, left-right symmetry, the chest's column
    profile, large-scale structure, the fall of the spectrum and air-filled lungs above a dense
    centre. They refuse blank and uniform images, colour pictures and screenshots, pages of text,
-   noise (smoothed or not) and slices of other modalities; the bounds were chosen with ``make gate-eval`` (docs/edge.md, with what they miss).
+   noise (smoothed or not) and CT or MR slices saved as pictures; the bounds were chosen with
+   ``make gate-eval`` (docs/edge.md, with what they miss).
    A film that passes but lies outside the statistics of the films the model came from is
    labelled and flagged (`Decision.unlike_training`).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -218,8 +220,8 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
         per image, as an exponent (a film's spectrum falls like a power law, k^-2 to k^-5; noise
         blurred at one scale falls off a cliff there, k^-6 and steeper).
     lungs: the median grey of the bottom centre (heart, diaphragm, spine: rows 80-95%, columns
-        40-60%) minus the darkest tenth of the lung fields (rows 30-65%, columns 20-40% and 60-80%), over the
-        contrast (a chest film's lungs hold air: positive, frontal or lateral).
+        40-60%) minus the darkest tenth of the lung fields (rows 30-65%, columns 20-40% and
+        60-80%), over the contrast (a chest film's lungs hold air: positive, frontal or lateral).
     """
     x = np.asarray(image)
     if x.ndim == 2:
@@ -262,31 +264,24 @@ def _structure(g: np.ndarray, power: float) -> float:
 _OCTAVES = (1, 2, 4, 8, 16, 32)  # cycles per image
 
 
-def _octave_bins(h: int, w: int):
-    """Where each rfft2 frequency falls among the octave bands, per input shape: (indices of the
-    frequencies in a band, their band, frequencies per band). Only whole bands below the
-    Nyquist limit count (a 48-pixel input has bands up to 16 cycles)."""
-    key = (h, w)
-    if key not in _OCTAVE_CACHE:
-        top = max([e for e in _OCTAVES if e <= min(h, w) // 2] or [_OCTAVES[0]])
-        fy, fx = np.fft.fftfreq(h) * h, np.fft.rfftfreq(w) * w
-        k = np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).ravel()
-        bins = np.searchsorted(_OCTAVES, k, side="right") - 1
-        bins[(k < _OCTAVES[0]) | (k >= top)] = -1
-        keep = bins >= 0
-        _OCTAVE_CACHE[key] = (np.flatnonzero(keep), bins[keep], np.bincount(bins[keep]))
-    return _OCTAVE_CACHE[key]
-
-
-_OCTAVE_CACHE: dict = {}
+@lru_cache(maxsize=8)
+def _octave_bins(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the rfft2 frequencies of an h x w input fall among the octave bands: (indices of
+    those in a band, their band, frequencies per band). Only whole bands below the Nyquist limit
+    count (a 48-pixel input has bands up to 16 cycles)."""
+    top = max([e for e in _OCTAVES if e <= min(h, w) // 2] or [_OCTAVES[0]])
+    fy, fx = np.fft.fftfreq(h) * h, np.fft.rfftfreq(w) * w
+    k = np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).ravel()
+    bins = np.searchsorted(_OCTAVES, k, side="right") - 1
+    keep = (k >= _OCTAVES[0]) & (k < top)
+    return np.flatnonzero(keep), bins[keep], np.bincount(bins[keep])
 
 
 def _falloff(centred: np.ndarray) -> float:
-    spectrum = np.fft.rfft2(centred)
     idx, bins, counts = _octave_bins(*centred.shape)
-    power = np.abs(spectrum.ravel()[idx]) ** 2
     if len(counts) < 2:  # an input too small to have two octaves: no evidence either way
         return 0.0
+    power = np.abs(np.fft.rfft2(centred).ravel()[idx]) ** 2
     mean = np.bincount(bins, weights=power, minlength=len(counts)) / counts
     return float(np.diff(np.log2(mean + 1e-6)).min())
 
@@ -294,7 +289,8 @@ def _falloff(centred: np.ndarray) -> float:
 def _lungs(g: np.ndarray) -> float:
     h, w = g.shape
     rows = slice(int(h * 0.3), int(h * 0.65))
-    fields = np.concatenate([g[rows, int(w * 0.2):int(w * 0.4)].ravel(), g[rows, int(w * 0.6):int(w * 0.8)].ravel()])
+    fields = np.concatenate([g[rows, int(w * 0.2):int(w * 0.4)].ravel(),
+                             g[rows, int(w * 0.6):int(w * 0.8)].ravel()])
     darkest_tenth = np.partition(fields, len(fields) // 10)[len(fields) // 10]
     # the median, not the mean: a small bright vertebra on black air is not a dense centre
     centre = g[int(h * 0.8):int(h * 0.95), int(w * 0.4):int(w * 0.6)].ravel()

@@ -9,9 +9,9 @@ gradient images, noise (grey, colour, smoothed), smoothed noise at blur radii of
 rendered with Pillow, colour pictures (shapes, a red square on black, an explain-style heat map
 over a film), the pixels of pydicom's own test files of other modalities saved as PNG
 (screenshots; its CT and MR slices upside down too), drawn slices (a Shepp-Logan head phantom,
-axial chest CT slices), and the DICOM files themselves. Prints a table; --stats adds each statistic's 0.5/1/50/99/99.5 percentiles per set,
---refused lists each refused real film with its reason, --rules how many files of each set
-each rule refused.
+axial chest CT slices), and the DICOM files themselves. Prints a table; --stats adds each
+statistic's 0.5/1/50/99/99.5 percentiles per set, --refused lists each refused real film with its
+reason, --rules how many files of each set each rule refused.
 """
 
 from __future__ import annotations
@@ -206,7 +206,8 @@ def noise_and_slices(out: Path) -> dict[str, list[Path]]:
         for i in range(2):
             save(clouds, f"clouds_b{beta}_{i}", _clouds(rng, beta))
     for radius in (12, 20, 30):  # an 8-bit blur stretched: few grey levels, large blobs
-        blur = Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(radius))
+        noise = Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8))
+        blur = noise.filter(ImageFilter.GaussianBlur(radius))
         save(clouds, f"posterized_r{radius}", _stretch(np.asarray(blur, np.float64), 55))
     drawn = "drawn CT slices"
     save(drawn, "shepp_logan", _shepp_logan())
