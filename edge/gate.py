@@ -7,8 +7,8 @@ Two checks, in this order, both on the device without TensorFlow:
    capture or a derived screenshot).
 2. Image statistics on the model's own input array (any file, DICOM too): colour, contrast,
    texture, shares of white, black and flat grey, left-right symmetry, the chest's column
-   profile, large-scale structure, the fall of the spectrum and air-filled lungs above a dense
-   centre. They refuse blank and uniform images, colour pictures and screenshots, pages of text,
+   profile, large-scale structure, the fall of the spectrum, air-filled lungs above a dense
+   centre, sharp edges and a smooth grey-level histogram. They refuse blank and uniform images, colour pictures and screenshots, pages of text,
    noise (smoothed or not) and CT or MR slices saved as pictures; the bounds were chosen with
    ``make gate-eval`` (docs/edge.md, with what they miss).
    A film that passes but lies outside the statistics of the films the model came from is
@@ -49,6 +49,8 @@ _REASONS = {
     "min_structure": "no large-scale structure (noise or texture, not a body)",
     "min_falloff": "a spectrum cut off at one scale (blurred noise?), not a film's",
     "min_lungs": "no air-filled lungs above a dense centre (a cross-section or a picture?)",
+    "min_edges": "no sharp edges, a random field's texture (clouds or noise?)",
+    "max_posterized": "a few grey levels, not a film's smooth range (posterized or drawn?)",
 }
 
 
@@ -74,6 +76,8 @@ class GateRules:
     min_structure: float = 0.4
     min_falloff: float = -6.0
     min_lungs: float = 0.25
+    min_edges: float = 4.0
+    max_posterized: float = 0.4
     # the range of each statistic over the films the model came from (`reference_ranges`): a film
     # outside is labelled and flagged, not refused
     reference: dict = field(default_factory=dict)
@@ -222,6 +226,12 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     lungs: the median grey of the bottom centre (heart, diaphragm, spine: rows 80-95%, columns
         40-60%) minus the darkest tenth of the lung fields (rows 30-65%, columns 20-40% and
         60-80%), over the contrast (a chest film's lungs hold air: positive, frontal or lateral).
+    edges: the kurtosis of the neighbour differences (a film's sharp edges, body outline, ribs,
+        bones, diaphragm, between smooth regions make it heavy-tailed, over 5; noise and clouds,
+        blurred or not, have Gaussian differences: 3).
+    posterized: the share of the pixels on spikes of the grey-level histogram (levels 8-247
+        holding over three times the mean of their +-4 neighbours): a stretched 8-bit image or a
+        drawing in a few tones (a film's histogram is smooth: under 0.2).
     """
     x = np.asarray(image)
     if x.ndim == 2:
@@ -239,19 +249,40 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     power = float(np.vdot(centred, centred))
     contrast = (power / g.size) ** 0.5
     scale = max(contrast, 1e-6)
-    rough = (float(np.abs(np.diff(g, axis=1)).mean()) + float(np.abs(np.diff(g, axis=0)).mean())) / 2 / scale
+    dx, dy = np.diff(g, axis=1), np.diff(g, axis=0)
+    rough = (float(np.abs(dx).mean()) + float(np.abs(dy).mean())) / 2 / scale
     symmetry = float(np.vdot(centred, centred[:, ::-1].copy()) / max(power, 1e-6))
     h, w = g.shape
     col = g[h // 5: 4 * h // 5].mean(axis=0)
     centre = col[int(w * 0.42):int(w * 0.58)].mean()
     lungs = (col[int(w * 0.15):int(w * 0.35)].mean() + col[int(w * 0.65):int(w * 0.85)].mean()) / 2
-    bands = np.bincount((g.astype(np.uint8) >> 3).ravel(), minlength=32)
+    levels = np.bincount(g.astype(np.uint8).ravel(), minlength=256)
+    bands = levels.reshape(32, 8).sum(axis=1)
     return {"colour": float((chroma > 24).mean()), "contrast": contrast, "roughness": float(rough),
             "white": float((g > 247).mean()), "black": float((g < 8).mean()),
             "flat": float(bands[1:31].max() / g.size),
             "symmetry": symmetry, "mediastinum": float((centre - lungs) / scale),
             "structure": _structure(g, power), "falloff": _falloff(centred),
-            "lungs": _lungs(g) / scale}
+            "lungs": _lungs(g) / scale, "edges": _edges(dx, dy), "posterized": _posterized(levels)}
+
+
+def _edges(dx: np.ndarray, dy: np.ndarray) -> float:
+    """Kurtosis of the neighbour differences (4th moment over the squared 2nd, about their mean)."""
+    n = dx.size + dy.size
+    mean = (float(dx.sum()) + float(dy.sum())) / n
+    dx, dy = dx - mean, dy - mean
+    sq_x, sq_y = dx * dx, dy * dy
+    m2 = (float(sq_x.sum()) + float(sq_y.sum())) / n
+    m4 = (float(np.vdot(sq_x, sq_x)) + float(np.vdot(sq_y, sq_y))) / n
+    return m4 / max(m2 * m2, 1e-12)
+
+
+def _posterized(levels: np.ndarray) -> float:
+    """Share of the pixels on spikes of the grey-level histogram, pure black and white aside."""
+    local = np.convolve(levels, np.ones(9) / 9, mode="same")
+    spikes = levels > 3 * local
+    spikes[:8] = spikes[248:] = False
+    return float(levels[spikes].sum() / max(levels.sum(), 1))
 
 
 def _structure(g: np.ndarray, power: float) -> float:

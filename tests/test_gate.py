@@ -237,6 +237,36 @@ def test_noise_blurred_at_any_scale_is_refused(tmp_path, radius, rule):
     assert not decision.accepted and decision.rule == rule, decision.reason
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_clouds_of_1_over_f_noise_are_refused_for_their_gaussian_edges(tmp_path, seed):
+    # structure at every scale like a film's, but no sharp edge: the neighbour differences of a
+    # random field are Gaussian (kurtosis 3), a film's heavy-tailed
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftfreq(300)
+    k = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    k[0, 0] = 1
+    spectrum = (rng.normal(size=(300, 300)) + 1j * rng.normal(size=(300, 300))) / k ** 1.5
+    spectrum[0, 0] = 0
+    a = np.fft.ifft2(spectrum).real
+    p = tmp_path / "clouds.png"
+    Image.fromarray(((a - a.mean()) / a.std() * 55 + 128).clip(0, 255).astype(np.uint8)).save(p)
+    decision, _ = check_input(p)
+    assert not decision.accepted and decision.rule == "edges", decision.reason
+    film = image_statistics(_model_input(phantom_png(tmp_path / "film.png")))
+    assert decision.statistics["edges"] < DEFAULT_RULES.min_edges < film["edges"]
+
+
+def test_a_stretched_8_bit_blur_is_refused_for_its_few_grey_levels(tmp_path):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8))
+    b = np.asarray(noise.filter(ImageFilter.GaussianBlur(20)), np.float64)  # a few levels around 128
+    p = tmp_path / "terraces.png"
+    Image.fromarray(((b - b.mean()) / b.std() * 55 + 128).clip(0, 255).astype(np.uint8)).save(p)
+    decision, _ = check_input(p)
+    assert not decision.accepted and decision.rule == "posterized", decision.reason
+    film = image_statistics(_model_input(phantom_png(tmp_path / "film.png")))
+    assert film["posterized"] < DEFAULT_RULES.max_posterized < decision.statistics["posterized"]
+
+
 @pytest.mark.parametrize("name, rule", [
     ("CT_small.dcm", "lungs"),  # an axial slice through a vertebra: its dark lungs are at the top
     ("J2K_pixelrep_mismatch.dcm", "black"),  # an axial slice of a head on black air

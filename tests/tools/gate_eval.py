@@ -5,13 +5,13 @@
 Sets: the real chest films of DATA (every <set>/<class>/* image; skipped without DATA), the
 phantoms `make train` draws (train/phantom.py), and non-radiographs built here: uniform and
 gradient images, noise (grey, colour, smoothed), smoothed noise at blur radii of 1-32 pixels
-(also mirror-symmetric and grainy), clouds (1/f noise) and posterized blurs, pages of text
-rendered with Pillow, colour pictures (shapes, a red square on black, an explain-style heat map
-over a film), the pixels of pydicom's own test files of other modalities saved as PNG
-(screenshots; its CT and MR slices upside down too), drawn slices (a Shepp-Logan head phantom,
-axial chest CT slices), and the DICOM files themselves. Prints a table; --stats adds each
-statistic's 0.5/1/50/99/99.5 percentiles per set, --refused lists each refused real film with its
-reason, --rules how many files of each set each rule refused.
+(also mirror-symmetric and grainy), clouds (1/f noise), terraces (an 8-bit blur stretched, also
+grainy), pages of text rendered with Pillow, colour pictures (shapes, a red square on black, an
+explain-style heat map over a film), the pixels of pydicom's own test files of other modalities
+saved as PNG (screenshots; its CT and MR slices upside down too), drawn slices (a Shepp-Logan
+head phantom, axial chest CT slices), and the DICOM files themselves. Prints a table; --stats
+adds each statistic's 0.5/1/50/99/99.5 percentiles per set, --refused lists each refused real
+film with its reason, --rules how many files of each set each rule refused.
 """
 
 from __future__ import annotations
@@ -201,14 +201,17 @@ def noise_and_slices(out: Path) -> dict[str, list[Path]]:
         a = _blurred_noise(rng, radius, 55)
         save(smooth, f"mirrored_r{radius}", np.concatenate([a[:, :150], a[:, 149::-1]], axis=1))
         save(smooth, f"grainy_r{radius}", (a + rng.normal(0, 3, a.shape)).clip(0, 255).astype(np.uint8))
-    clouds = "clouds (1/f noise), blobs"
+    clouds = "clouds (1/f noise), terraces"
     for beta in (1.5, 2.0, 2.5, 3.0, 3.5):
         for i in range(2):
             save(clouds, f"clouds_b{beta}_{i}", _clouds(rng, beta))
     for radius in (12, 20, 30):  # an 8-bit blur stretched: few grey levels, large blobs
         noise = Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8))
         blur = noise.filter(ImageFilter.GaussianBlur(radius))
-        save(clouds, f"posterized_r{radius}", _stretch(np.asarray(blur, np.float64), 55))
+        terraced = _stretch(np.asarray(blur, np.float64), 55)
+        save(clouds, f"posterized_r{radius}", terraced)
+        grain = rng.normal(0, 2.5, terraced.shape)  # hides the empty grey levels between the terraces
+        save(clouds, f"grainy_posterized_r{radius}", (terraced + grain).clip(0, 255).astype(np.uint8))
     drawn = "drawn CT slices"
     save(drawn, "shepp_logan", _shepp_logan())
     for i in range(3):
