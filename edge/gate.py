@@ -6,9 +6,11 @@ Two checks, in this order, both on the device without TensorFlow:
    (CHEST where given), view (PA/AP where given), one frame, an original image (not a secondary
    capture or a derived screenshot).
 2. Image statistics on the model's own input array (any file, DICOM too): colour, contrast,
-   texture, shares of white, black and flat grey, left-right symmetry and the chest's column
-   profile. They refuse blank and uniform images, colour pictures and screenshots, pages of text
-   and noise; the bounds were chosen with ``make gate-eval`` (docs/edge.md, with what they miss).
+   texture, shares of white, black and flat grey, left-right symmetry, the chest's column
+   profile, large-scale structure, the fall of the spectrum, air-filled lungs above a dense
+   centre, sharp edges and a smooth grey-level histogram. They refuse blank and uniform images, colour pictures and screenshots, pages of text,
+   noise (smoothed or not) and CT or MR slices saved as pictures; the bounds were chosen with
+   ``make gate-eval`` (docs/edge.md, with what they miss).
    A film that passes but lies outside the statistics of the films the model came from is
    labelled and flagged (`Decision.unlike_training`).
 
@@ -22,13 +24,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from xray_edge.errors import ImageError, ModelError
 
-GATE_VERSION = "1"
+GATE_VERSION = "2"
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC Image Storage and its multi-frame kin
 
 # Bounds on the image statistics, in the order they are checked: the bound's name in GateRules
@@ -43,6 +46,11 @@ _REASONS = {
     "max_black": "mostly black",
     "min_symmetry": "not left-right symmetric like a frontal chest film",
     "min_mediastinum": "no chest column profile (a film's mediastinum is brighter than its lungs)",
+    "min_structure": "no large-scale structure (noise or texture, not a body)",
+    "min_falloff": "a spectrum cut off at one scale (blurred noise?), not a film's",
+    "min_lungs": "no air-filled lungs above a dense centre (a cross-section or a picture?)",
+    "min_edges": "no sharp edges, a random field's texture (clouds or noise?)",
+    "max_posterized": "a few grey levels, not a film's smooth range (posterized or drawn?)",
 }
 
 
@@ -62,9 +70,14 @@ class GateRules:
     min_roughness: float = 0.018
     max_white: float = 0.5
     max_flat: float = 0.6
-    max_black: float = 0.7
+    max_black: float = 0.55
     min_symmetry: float = -0.5
     min_mediastinum: float = -0.5
+    min_structure: float = 0.4
+    min_falloff: float = -6.0
+    min_lungs: float = 0.25
+    min_edges: float = 4.0
+    max_posterized: float = 0.4
     # the range of each statistic over the films the model came from (`reference_ranges`): a film
     # outside is labelled and flagged, not refused
     reference: dict = field(default_factory=dict)
@@ -205,6 +218,20 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     symmetry: correlation of the image with its mirror image (left-right).
     mediastinum: the central column band's mean grey minus the lung bands', over the contrast,
         on the middle three fifths of the rows (a frontal chest film: positive).
+    structure: the share of the grey-level variance left in the means of an 8 x 8 grid of blocks
+        (a body's layout: over 0.4; noise and fine texture: near 0).
+    falloff: the steepest fall of the power spectrum from one octave to the next, 1 to 32 cycles
+        per image, as an exponent (a film's spectrum falls like a power law, k^-2 to k^-5; noise
+        blurred at one scale falls off a cliff there, k^-6 and steeper).
+    lungs: the median grey of the bottom centre (heart, diaphragm, spine: rows 80-95%, columns
+        40-60%) minus the darkest tenth of the lung fields (rows 30-65%, columns 20-40% and
+        60-80%), over the contrast (a chest film's lungs hold air: positive, frontal or lateral).
+    edges: the kurtosis of the neighbour differences (a film's sharp edges, body outline, ribs,
+        bones, diaphragm, between smooth regions make it heavy-tailed, over 5; noise and clouds,
+        blurred or not, have Gaussian differences: 3).
+    posterized: the share of the pixels on spikes of the grey-level histogram (levels 8-247
+        holding over three times the mean of their +-4 neighbours): a stretched 8-bit image or a
+        drawing in a few tones (a film's histogram is smooth: under 0.2).
     """
     x = np.asarray(image)
     if x.ndim == 2:
@@ -222,17 +249,83 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     power = float(np.vdot(centred, centred))
     contrast = (power / g.size) ** 0.5
     scale = max(contrast, 1e-6)
-    rough = (float(np.abs(np.diff(g, axis=1)).mean()) + float(np.abs(np.diff(g, axis=0)).mean())) / 2 / scale
+    dx, dy = np.diff(g, axis=1), np.diff(g, axis=0)
+    rough = (float(np.abs(dx).mean()) + float(np.abs(dy).mean())) / 2 / scale
     symmetry = float(np.vdot(centred, centred[:, ::-1].copy()) / max(power, 1e-6))
     h, w = g.shape
     col = g[h // 5: 4 * h // 5].mean(axis=0)
     centre = col[int(w * 0.42):int(w * 0.58)].mean()
     lungs = (col[int(w * 0.15):int(w * 0.35)].mean() + col[int(w * 0.65):int(w * 0.85)].mean()) / 2
-    bands = np.bincount((g.astype(np.uint8) >> 3).ravel(), minlength=32)
+    levels = np.bincount(g.astype(np.uint8).ravel(), minlength=256)
+    bands = levels.reshape(32, 8).sum(axis=1)
     return {"colour": float((chroma > 24).mean()), "contrast": contrast, "roughness": float(rough),
             "white": float((g > 247).mean()), "black": float((g < 8).mean()),
             "flat": float(bands[1:31].max() / g.size),
-            "symmetry": symmetry, "mediastinum": float((centre - lungs) / scale)}
+            "symmetry": symmetry, "mediastinum": float((centre - lungs) / scale),
+            "structure": _structure(g, power), "falloff": _falloff(centred),
+            "lungs": _lungs(g) / scale, "edges": _edges(dx, dy), "posterized": _posterized(levels)}
+
+
+def _edges(dx: np.ndarray, dy: np.ndarray) -> float:
+    """Kurtosis of the neighbour differences (4th moment over the squared 2nd, about their mean)."""
+    n = dx.size + dy.size
+    mean = (float(dx.sum()) + float(dy.sum())) / n
+    dx, dy = dx - mean, dy - mean
+    sq_x, sq_y = dx * dx, dy * dy
+    m2 = (float(sq_x.sum()) + float(sq_y.sum())) / n
+    m4 = (float(np.vdot(sq_x, sq_x)) + float(np.vdot(sq_y, sq_y))) / n
+    return m4 / max(m2 * m2, 1e-12)
+
+
+def _posterized(levels: np.ndarray) -> float:
+    """Share of the pixels on spikes of the grey-level histogram, pure black and white aside."""
+    local = np.convolve(levels, np.ones(9) / 9, mode="same")
+    spikes = levels > 3 * local
+    spikes[:8] = spikes[248:] = False
+    return float(levels[spikes].sum() / max(levels.sum(), 1))
+
+
+def _structure(g: np.ndarray, power: float) -> float:
+    h, w = g.shape
+    bh, bw = h // 8, w // 8
+    blocks = g[:bh * 8, :bw * 8].reshape(8, bh, 8, bw).mean(axis=(1, 3))
+    return float(blocks.var() * g.size / max(power, 1e-6))
+
+
+_OCTAVES = (1, 2, 4, 8, 16, 32)  # cycles per image
+
+
+@lru_cache(maxsize=8)
+def _octave_bins(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the rfft2 frequencies of an h x w input fall among the octave bands: (indices of
+    those in a band, their band, frequencies per band). Only whole bands below the Nyquist limit
+    count (a 48-pixel input has bands up to 16 cycles)."""
+    top = max([e for e in _OCTAVES if e <= min(h, w) // 2] or [_OCTAVES[0]])
+    fy, fx = np.fft.fftfreq(h) * h, np.fft.rfftfreq(w) * w
+    k = np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).ravel()
+    bins = np.searchsorted(_OCTAVES, k, side="right") - 1
+    keep = (k >= _OCTAVES[0]) & (k < top)
+    return np.flatnonzero(keep), bins[keep], np.bincount(bins[keep])
+
+
+def _falloff(centred: np.ndarray) -> float:
+    idx, bins, counts = _octave_bins(*centred.shape)
+    if len(counts) < 2:  # an input too small to have two octaves: no evidence either way
+        return 0.0
+    power = np.abs(np.fft.rfft2(centred).ravel()[idx]) ** 2
+    mean = np.bincount(bins, weights=power, minlength=len(counts)) / counts
+    return float(np.diff(np.log2(mean + 1e-6)).min())
+
+
+def _lungs(g: np.ndarray) -> float:
+    h, w = g.shape
+    rows = slice(int(h * 0.3), int(h * 0.65))
+    fields = np.concatenate([g[rows, int(w * 0.2):int(w * 0.4)].ravel(),
+                             g[rows, int(w * 0.6):int(w * 0.8)].ravel()])
+    darkest_tenth = np.partition(fields, len(fields) // 10)[len(fields) // 10]
+    # the median, not the mean: a small bright vertebra on black air is not a dense centre
+    centre = g[int(h * 0.8):int(h * 0.95), int(w * 0.4):int(w * 0.6)].ravel()
+    return float(np.partition(centre, len(centre) // 2)[len(centre) // 2] - darkest_tenth)
 
 
 def check_statistics(stats: dict, rules: GateRules = DEFAULT_RULES) -> tuple[str, str] | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from conftest import run_cli
 from xray_edge.errors import ImageError
@@ -202,6 +202,104 @@ def test_images_that_are_not_radiographs_are_refused(tmp_path, make, rule):
     assert decision.rule == rule, decision.reason
     with pytest.raises(NotChestRadiograph, match="not a chest radiograph"):
         load_checked(p)
+
+
+def _blurred_noise(p, radius: float, seed: int = 0):
+    """White noise blurred by a Gaussian of `radius` pixels (in float), stretched to a film's contrast."""
+    f = np.fft.fftfreq(300)
+    gauss = np.exp(-2 * np.pi ** 2 * radius ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
+    a = np.fft.ifft2(np.fft.fft2(np.random.default_rng(seed).normal(size=(300, 300))) * gauss).real
+    Image.fromarray(((a - a.mean()) / a.std() * 50 + 128).clip(0, 255).astype(np.uint8)).save(p)
+
+
+@pytest.mark.parametrize("radius", [5, 8])
+def test_the_smoothed_noise_the_first_gate_labelled_is_refused(tmp_path, radius):
+    # gate_eval's construction: an 8-bit blur of noise stretched eight times; grey, smooth and
+    # symmetric enough to pass every bound of the first version, with no structure at a body's scale
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8))
+    p = tmp_path / f"smooth{radius}.png"
+    stretched = noise.filter(ImageFilter.GaussianBlur(radius)).point(lambda v: min(255, max(0, (v - 128) * 8 + 128)))
+    stretched.save(p)
+    decision, _ = check_input(p)
+    assert not decision.accepted and decision.rule == "structure", decision.reason
+    film = image_statistics(_model_input(phantom_png(tmp_path / "film.png")))
+    assert decision.statistics["structure"] < DEFAULT_RULES.min_structure < film["structure"]
+
+
+@pytest.mark.parametrize("radius, rule", [(6, "structure"), (12, "falloff"), (24, "falloff"),
+                                          (32, "falloff")])
+def test_noise_blurred_at_any_scale_is_refused(tmp_path, radius, rule):
+    # small blurs leave no large-scale structure; large ones leave structure but cut the spectrum
+    # off at their scale, where a film's falls like a power law
+    p = tmp_path / f"blur{radius}.png"
+    _blurred_noise(p, radius)
+    decision, _ = check_input(p)
+    assert not decision.accepted and decision.rule == rule, decision.reason
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_clouds_of_1_over_f_noise_are_refused_for_their_gaussian_edges(tmp_path, seed):
+    # structure at every scale like a film's, but no sharp edge: the neighbour differences of a
+    # random field are Gaussian (kurtosis 3), a film's heavy-tailed
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftfreq(300)
+    k = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    k[0, 0] = 1
+    spectrum = (rng.normal(size=(300, 300)) + 1j * rng.normal(size=(300, 300))) / k ** 1.5
+    spectrum[0, 0] = 0
+    a = np.fft.ifft2(spectrum).real
+    p = tmp_path / "clouds.png"
+    Image.fromarray(((a - a.mean()) / a.std() * 55 + 128).clip(0, 255).astype(np.uint8)).save(p)
+    decision, _ = check_input(p)
+    assert not decision.accepted and decision.rule == "edges", decision.reason
+    film = image_statistics(_model_input(phantom_png(tmp_path / "film.png")))
+    assert decision.statistics["edges"] < DEFAULT_RULES.min_edges < film["edges"]
+
+
+def test_a_stretched_8_bit_blur_is_refused_for_its_few_grey_levels(tmp_path):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8))
+    b = np.asarray(noise.filter(ImageFilter.GaussianBlur(20)), np.float64)  # a few levels around 128
+    p = tmp_path / "terraces.png"
+    Image.fromarray(((b - b.mean()) / b.std() * 55 + 128).clip(0, 255).astype(np.uint8)).save(p)
+    decision, _ = check_input(p)
+    assert not decision.accepted and decision.rule == "posterized", decision.reason
+    film = image_statistics(_model_input(phantom_png(tmp_path / "film.png")))
+    assert film["posterized"] < DEFAULT_RULES.max_posterized < decision.statistics["posterized"]
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("CT_small.dcm", "lungs"),  # an axial slice through a vertebra: its dark lungs are at the top
+    ("J2K_pixelrep_mismatch.dcm", "black"),  # an axial slice of a head on black air
+    ("MR_small.dcm", "mediastinum"),
+])
+def test_ct_and_mr_slices_saved_as_png_are_refused(tmp_path, name, rule):
+    from xray_edge.dicom import read_dicom
+
+    try:
+        pixels = read_dicom(pydicom_file(name))
+    except ImageError as exc:  # a compressed syntax without its decoder here
+        pytest.skip(str(exc))
+    p = tmp_path / f"{name}.png"
+    Image.fromarray(pixels).save(p)
+    decision, _ = check_input(p)
+    assert not decision.accepted and decision.rule == rule, decision.reason
+
+
+def _model_input(path: Path, size: int = 200) -> np.ndarray:
+    from xray_edge.preprocess import Preprocessing, load_image
+
+    return load_image(path, Preprocessing(size=size))
+
+
+@pytest.mark.parametrize("size", [48, 200])
+def test_phantoms_pass_the_layout_and_spectrum_bounds_at_small_input_sizes(tmp_path, size):
+    # the spectrum counts only whole octaves below the Nyquist limit of the model's input
+    from xray_edge.gate import decide_image
+
+    for seed in range(4):
+        image = _model_input(phantom_png(tmp_path / f"p{seed}.png", seed, bool(seed % 2)), size)
+        decision = decide_image(image)
+        assert decision.accepted, (size, decision.reason)
 
 
 def test_real_films_are_accepted(shared_data):

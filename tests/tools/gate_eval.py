@@ -1,14 +1,17 @@
 """Accepted / refused per set by the input gate (xray_edge.gate): the evidence for its bounds.
 
-    python tests/tools/gate_eval.py [--data ../shared/data] [--stats] [--refused]
+    python tests/tools/gate_eval.py [--data ../shared/data] [--stats] [--refused] [--rules]
 
 Sets: the real chest films of DATA (every <set>/<class>/* image; skipped without DATA), the
 phantoms `make train` draws (train/phantom.py), and non-radiographs built here: uniform and
-gradient images, noise (grey, colour, smoothed), pages of text rendered with Pillow, colour
-pictures (shapes, a red square on black, an explain-style heat map over a film), the pixels of
-pydicom's own test files of other modalities saved as PNG (screenshots), and the DICOM files
-themselves. Prints a table; --stats adds each statistic's 0.5/1/50/99/99.5 percentiles per set,
---refused lists each refused real film with its reason.
+gradient images, noise (grey, colour, smoothed), smoothed noise at blur radii of 1-32 pixels
+(also mirror-symmetric and grainy), clouds (1/f noise), terraces (an 8-bit blur stretched, also
+grainy), pages of text rendered with Pillow, colour pictures (shapes, a red square on black, an
+explain-style heat map over a film), the pixels of pydicom's own test files of other modalities
+saved as PNG (screenshots; its CT and MR slices upside down too), drawn slices (a Shepp-Logan
+head phantom, axial chest CT slices), and the DICOM files themselves. Prints a table; --stats
+adds each statistic's 0.5/1/50/99/99.5 percentiles per set, --refused lists each refused real
+film with its reason, --rules how many files of each set each rule refused.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +128,97 @@ def generated(out: Path, data: Path | None) -> dict[str, list[Path]]:
     return sets
 
 
+def _stretch(a: np.ndarray, contrast: float) -> np.ndarray:
+    a = (a - a.mean()) / max(float(a.std()), 1e-6) * contrast + 128
+    return a.clip(0, 255).astype(np.uint8)
+
+
+def _blurred_noise(rng, radius: float, contrast: float, size: int = 300) -> np.ndarray:
+    """White noise blurred by a Gaussian of `radius` pixels (in float), stretched to `contrast`."""
+    f = np.fft.fftfreq(size)
+    gauss = np.exp(-2 * np.pi ** 2 * radius ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
+    return _stretch(np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) * gauss).real, contrast)
+
+
+def _clouds(rng, beta: float, size: int = 300) -> np.ndarray:
+    """1/f noise: power falling as k^-beta, structure at every scale like a film's, no anatomy."""
+    f = np.fft.fftfreq(size)
+    k = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    k[0, 0] = 1
+    spectrum = (rng.normal(size=(size, size)) + 1j * rng.normal(size=(size, size))) / k ** (beta / 2)
+    spectrum[0, 0] = 0
+    return _stretch(np.fft.ifft2(spectrum).real, 55)
+
+
+def _shepp_logan(size: int = 300) -> np.ndarray:
+    """The modified Shepp-Logan head phantom of CT reconstruction (ellipses on black)."""
+    ellipses = [(1, .69, .92, 0, 0, 0), (-.8, .6624, .874, 0, -.0184, 0), (-.2, .11, .31, .22, 0, -18),
+                (-.2, .16, .41, -.22, 0, 18), (.1, .21, .25, 0, .35, 0), (.1, .046, .046, 0, .1, 0),
+                (.1, .046, .046, 0, -.1, 0), (.1, .046, .023, -.08, -.605, 0),
+                (.1, .023, .023, 0, -.606, 0), (.1, .023, .046, .06, -.605, 0)]
+    y, x = np.mgrid[1:-1:size * 1j, -1:1:size * 1j]
+    img = np.zeros((size, size))
+    for value, a, b, x0, y0, phi in ellipses:
+        c, s = np.cos(np.radians(phi)), np.sin(np.radians(phi))
+        xr, yr = (x - x0) * c + (y - y0) * s, -(x - x0) * s + (y - y0) * c
+        img[(xr / a) ** 2 + (yr / b) ** 2 <= 1] += value
+    return (img.clip(0, 1.2) / 1.2 * 255).astype(np.uint8)
+
+
+def _axial_chest_ct(rng, size: int = 300) -> Image.Image:
+    """A drawn axial chest CT slice: a wide body on black air, two dark lungs, the heart in front,
+    a vertebra behind, a ring of ribs and the table."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.zeros((size, size))
+    img[((x - .5) / .46) ** 2 + ((y - .5) / .33) ** 2 <= 1] = 150
+    for cx in (.3, .7):
+        img[((x - cx) / .17) ** 2 + ((y - .5) / .23) ** 2 <= 1] = 25
+    img[((x - .53) / .13) ** 2 + ((y - .45) / .12) ** 2 <= 1] = 170
+    img[((x - .5) / .06) ** 2 + ((y - .74) / .06) ** 2 <= 1] = 250
+    ring = np.sqrt(((x - .5) / .42) ** 2 + ((y - .5) / .29) ** 2)
+    img[(abs(ring - 1) < .03) & (np.sin(np.arctan2(y - .5, x - .5) * 9) > .3)] = 240
+    img[(y > .88) & (y < .9) & (x > .05) & (x < .95)] = 120
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
+
+
+def noise_and_slices(out: Path) -> dict[str, list[Path]]:
+    """Smoothed noise at many scales, clouds and blobs, drawn CT slices (no data needed)."""
+    rng = np.random.default_rng(2)
+    sets: dict[str, list[Path]] = {}
+
+    def save(kind: str, name: str, arr_or_img) -> None:
+        img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
+        p = out / f"{kind.split()[0]}_{name}.png"
+        img.save(p)
+        sets.setdefault(kind, []).append(p)
+
+    smooth = "smoothed noise (radius 1-32 px)"
+    for radius in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+        for contrast in (35, 60):
+            save(smooth, f"r{radius}c{contrast}", _blurred_noise(rng, radius, contrast))
+    for radius in (4, 8, 16):
+        a = _blurred_noise(rng, radius, 55)
+        save(smooth, f"mirrored_r{radius}", np.concatenate([a[:, :150], a[:, 149::-1]], axis=1))
+        save(smooth, f"grainy_r{radius}", (a + rng.normal(0, 3, a.shape)).clip(0, 255).astype(np.uint8))
+    clouds = "clouds (1/f noise), terraces"
+    for beta in (1.5, 2.0, 2.5, 3.0, 3.5):
+        for i in range(2):
+            save(clouds, f"clouds_b{beta}_{i}", _clouds(rng, beta))
+    for radius in (12, 20, 30):  # an 8-bit blur stretched: few grey levels, large blobs
+        noise = Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8))
+        blur = noise.filter(ImageFilter.GaussianBlur(radius))
+        terraced = _stretch(np.asarray(blur, np.float64), 55)
+        save(clouds, f"posterized_r{radius}", terraced)
+        grain = rng.normal(0, 2.5, terraced.shape)  # hides the empty grey levels between the terraces
+        save(clouds, f"grainy_posterized_r{radius}", (terraced + grain).clip(0, 255).astype(np.uint8))
+    drawn = "drawn CT slices"
+    save(drawn, "shepp_logan", _shepp_logan())
+    for i in range(3):
+        save(drawn, f"axial_chest_ct{i}", _axial_chest_ct(rng))
+    return sets
+
+
 def pydicom_sets(out: Path) -> dict[str, list[Path]]:
     try:
         import pydicom
@@ -133,9 +228,10 @@ def pydicom_sets(out: Path) -> dict[str, list[Path]]:
     names = ["MR_small.dcm", "CT_small.dcm", "JPEG2000.dcm", "examples_overlay.dcm",
              "examples_rgb_color.dcm", "examples_palette.dcm", "examples_ybr_color.dcm",
              "SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_RLE.dcm", "rtdose_1frame.dcm",
-             "liver_1frame.dcm", "image_dfl.dcm", "ExplVR_BigEnd.dcm", "SC_rgb_rle_2frame.dcm"]
+             "liver_1frame.dcm", "image_dfl.dcm", "ExplVR_BigEnd.dcm", "SC_rgb_rle_2frame.dcm",
+             "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"]  # the last two: axial CT slices of a head
     files = [Path(f) for f in (get_testdata_file(n) for n in names) if f]
-    shots = []
+    shots, flipped = [], []
     for f in files:
         try:
             from xray_edge.dicom import read_dicom
@@ -148,7 +244,12 @@ def pydicom_sets(out: Path) -> dict[str, list[Path]]:
         p = out / f"screenshot_{f.stem}.png"
         Image.fromarray(arr).save(p)
         shots.append(p)
-    return {"pydicom DICOM files": files, "pydicom images as PNG": shots}
+        if pydicom.dcmread(f, stop_before_pixels=True).get("Modality") in ("CT", "MR"):
+            p = out / f"upside_down_{f.stem}.png"
+            Image.fromarray(arr[::-1]).save(p)
+            flipped.append(p)
+    return {"pydicom DICOM files": files, "pydicom images as PNG": shots,
+            "pydicom CT/MR slices upside down": flipped}
 
 
 def evaluate(paths: list[Path], rules=DEFAULT_RULES):
@@ -171,6 +272,7 @@ def main(argv=None) -> int:
                     help="the shared data folder (default: ../shared/data beside the repository)")
     ap.add_argument("--stats", action="store_true", help="percentiles of each statistic per set")
     ap.add_argument("--refused", action="store_true", help="list the refused real films")
+    ap.add_argument("--rules", action="store_true", help="how many files of each set each rule refused")
     ap.add_argument("--reference", default="real: nih-adult",
                     help="the set whose even-numbered films make the training reference of the "
                          "'unlike training' flag (default: %(default)s)")
@@ -181,6 +283,7 @@ def main(argv=None) -> int:
         sets: dict[str, list[Path]] = real_sets(data) if data else {}
         sets["phantoms (make train)"] = phantoms(out)
         sets.update(generated(out, data))
+        sets.update(noise_and_slices(out))
         sets.update(pydicom_sets(out))
         print(f"{'set':32} {'files':>6} {'accepted':>9} {'refused':>8} {'errors':>7}  kind")
         bad = 0
@@ -200,6 +303,9 @@ def main(argv=None) -> int:
                 for p, d, reason, _ in rows:
                     if d is not None and d.accepted:
                         print(f"    ACCEPTED {p.name}: {d.statistics}")
+            if args.rules and ref:
+                counts = Counter(d.rule for _, d, _, _ in rows if d is not None and not d.accepted)
+                print("    refused by: " + ", ".join(f"{rule} {n}" for rule, n in counts.most_common()))
             if args.refused and chest:
                 for p, d, reason, _ in rows:
                     if d is not None and not d.accepted:
