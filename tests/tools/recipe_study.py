@@ -30,6 +30,9 @@ CANDIDATES = {
     "balanced": ["--balance", "class"],
     # + contrast/gamma/noise augmentation and blanking of the outer band where markers sit
     "robust": ["--balance", "class", "--photometric", "0.3", "--border-erase", "0.5"],
+    # + each film's histogram equalised: part of the one preprocessing, so on the device too
+    "equalized": ["--balance", "class", "--photometric", "0.3", "--border-erase", "0.5",
+                  "--intensity", "equalize"],
 }
 
 
