@@ -117,6 +117,9 @@ def main() -> None:
               help="Contrast, gamma and noise augmentation strength (0: off).")
 @click.option("--border-erase", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Chance per training image of blanking an outer band where markers sit (0: off).")
+@click.option("--intensity", type=click.Choice(["none", "equalize"]), default="none", show_default=True,
+              help="Part of the one preprocessing, recorded with the model: 'equalize' spreads each film's "
+                   "grey levels by histogram equalisation, on every device too (docs/training.md).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
               help="Output folder for model.keras, metrics and plots.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
@@ -146,7 +149,7 @@ def main() -> None:
               show_default=True, help="mixed_bfloat16 computes in bfloat16 (faster on recent GPUs); "
                                       "variables and the saved model stay float32.")
 @click.option("--json", "as_json", is_flag=True, help="Print the test metrics as JSON.")
-def train(data, classes, external, balance, target_sensitivity, photometric, border_erase, out, epochs,
+def train(data, classes, external, balance, target_sensitivity, photometric, border_erase, intensity, out, epochs,
           batch_size, learning_rate, val_fraction, patience, zoom, no_flip, seed,
           positive_class, phantom_size, cache_dir, backend, devices, precision, as_json):
     """Train the tutorial's CNN on one or more folders of chest X-rays.
@@ -185,6 +188,7 @@ def train(data, classes, external, balance, target_sensitivity, photometric, bor
     if chosen:
         os.environ["KERAS_BACKEND"] = chosen  # read once, when Keras is first imported (next line)
     try:
+        from xray_edge.preprocess import Preprocessing
         from xray_edge.train.trainer import TrainConfig
         from xray_edge.train.trainer import train as run_train
     except ImportError as exc:
@@ -192,7 +196,8 @@ def train(data, classes, external, balance, target_sensitivity, photometric, bor
     with tool_errors():
         cfg = TrainConfig(data=data if len(data) > 1 else data[0], classes=class_list, external=external,
                           balance=balance, target_sensitivity=target_sensitivity,
-                          photometric=photometric, border=border_erase, out=out, epochs=epochs, batch_size=batch_size,
+                          photometric=photometric, border=border_erase, preprocessing=Preprocessing(intensity=intensity),
+                          out=out, epochs=epochs, batch_size=batch_size,
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
                           zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
                           cache_dir=cache_dir or _default_cache_dir(), precision=precision,

@@ -428,9 +428,10 @@ def check_input(path: str | os.PathLike, spec=None, rules: GateRules = DEFAULT_R
         broken = check_header(read_header(p), rules)
         if broken is not None:  # no pixel is decoded
             return Decision(False, broken[0], f"not a chest radiograph: {broken[1]}"), None
-    image = load_image(p, spec or DEFAULT)
-    decision = decide_image(image, rules)
-    return decision, image if decision.accepted else None
+    spec = spec or DEFAULT
+    plain = load_image(p, spec.geometry)  # judged before any intensity step, which hides what it measures
+    decision = decide_image(plain, rules)
+    return decision, spec.adjust(plain) if decision.accepted else None
 
 
 def load_checked(path, spec=None, rules: GateRules = DEFAULT_RULES) -> tuple[np.ndarray, Decision]:

@@ -9,18 +9,21 @@ memory budget, bit depths) is `xray_edge.decode`'s; DICOM's grey levels are `xra
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from xray_edge.decode import MIN_SIDE, check_file, is_dicom, read_pillow
 from xray_edge.errors import ImageError
 
 # Bump whenever the pixels this module produces change: the training cache and the manifest
-# are keyed by it, so a model is never fed arrays made by a different recipe.
-PREPROCESS_VERSION = "1"
+# are keyed by it, so a model is never fed arrays made by a different recipe. "2" added
+# `intensity`; a "1" record is the same recipe with intensity "none". A runner older than "2"
+# refuses a "2" record instead of silently skipping an intensity step it does not know.
+PREPROCESS_VERSION = "2"
+_SAME_PIXELS = {"1": ("none",), "2": None}  # version -> intensities it may carry (None: any)
 
 MAX_SIZE = 1024  # a model input side beyond this is not a chest X-ray classifier's
 
@@ -34,11 +37,25 @@ class Preprocessing:
     resample: str = "bilinear"
     dtype: str = "uint8"
     scaling: str = "none: 0-255 pixels; the model divides by 255"
+    # "equalize": each film's grey levels spread by histogram equalisation after resizing, so
+    # exposure and processing (which differ by hospital, not by disease) weigh less
+    intensity: str = "none"
     version: str = PREPROCESS_VERSION
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.size, self.size, self.channels)
+
+    @property
+    def geometry(self) -> "Preprocessing":
+        """This recipe without its intensity step: the pixels the input gate judges."""
+        return replace(self, intensity="none")
+
+    def adjust(self, image: np.ndarray) -> np.ndarray:
+        """The intensity step on an array of `geometry`: load_image(p, s) == s.adjust(load_image(p, s.geometry))."""
+        if self.intensity == "none":
+            return image
+        return np.asarray(ImageOps.equalize(Image.fromarray(image)), dtype=np.uint8)  # per channel; grey stays grey
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,19 +82,20 @@ class Preprocessing:
                              f"{', '.join(sorted(_RESAMPLE_NAMES))}")
         if self.dtype != "uint8":
             raise ValueError(f"preprocessing dtype {self.dtype!r} is not uint8")
-        if self.version != PREPROCESS_VERSION:
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"preprocessing intensity {self.intensity!r} is not one of {', '.join(INTENSITIES)}")
+        if self.version not in _SAME_PIXELS:
             raise ValueError(f"preprocessing version {self.version!r} is not this runner's "
                              f"{PREPROCESS_VERSION!r} (re-export the model with this version)")
+        if _SAME_PIXELS[self.version] and self.intensity not in _SAME_PIXELS[self.version]:
+            raise ValueError(f"preprocessing version {self.version!r} has no intensity {self.intensity!r}")
         if not isinstance(self.scaling, str):
             raise ValueError("preprocessing scaling is not a string")
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _RESAMPLE_NAMES = frozenset(_RESAMPLE)
-
-
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-_RESAMPLE_NAMES = frozenset(_RESAMPLE)
+INTENSITIES = ("none", "equalize")
 
 
 DEFAULT = Preprocessing()
@@ -101,7 +119,8 @@ def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.nda
         spec: the preprocessing recorded with the model.
 
     Returns:
-        uint8 array of shape ``spec.shape``; pixels 0-255, RGB, EXIF orientation applied.
+        uint8 array of shape ``spec.shape``; pixels 0-255, RGB, EXIF orientation applied, then
+        the recipe's intensity step (`Preprocessing.adjust`).
 
     Raises:
         ImageError: for anything that is not a usable image, with a one-line reason.
@@ -119,7 +138,7 @@ def load_image(path: str | os.PathLike, spec: Preprocessing = DEFAULT) -> np.nda
     arr = np.asarray(decode_file(p, shrink, spec.size), dtype=np.uint8)
     if arr.ndim == 2:  # grayscale: the tutorial's model takes RGB, so copy to three channels
         arr = np.repeat(arr[:, :, None], spec.channels, axis=2)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(spec.adjust(arr))
 
 
 def load_display_image(path: str | os.PathLike, max_side: int = 512) -> Image.Image:

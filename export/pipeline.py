@@ -116,7 +116,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         check_model(model, spec, [f.name for f in formats], record.classes if record else meta.get("classes"))
         sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
     with steps("images and Keras reference"):
-        cal_images, (par_paths, par_images) = _images(sets, spec, any(f.needs_calibration for f in formats), log)
+        cal_images, (par_paths, par_plain) = _images(sets, spec, any(f.needs_calibration for f in formats), log)
+        par_images = np.stack([spec.adjust(im) for im in par_plain]) if len(par_plain) else par_plain
         reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
         cal = f"calibration: {len(cal_images)} images; " if len(cal_images) else ""
         log(f"{cal}parity: {len(par_images)} held-out images ({sets.source})")
@@ -125,7 +126,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         log(f"threshold: {_round(src.info.threshold)} ({src.operating_point['chosen_on']})")
         # the input gate, with the statistics of the films the model came from: in the manifest
         # and inside every file, so that a file copied alone flags the same films
-        src = replace(src, input_gate=rules_for_films(par_images))
+        src = replace(src, input_gate=rules_for_films(par_plain))  # as the gate sees them
     source = ModelSource(model, [f.name for f in formats])
     del model  # the source holds it until the last conversion
     proof = functools.partial(_prove, reference=reference, images=par_images, info=src.info,
@@ -292,7 +293,7 @@ def _describe(cfg: ExportConfig, model, record: TrainingRecord | None, meta: dic
 def _images(sets: calibration.ImageSets, spec: Preprocessing, need_calibration: bool, log):
     cal = (load_images(sets.calibration, spec)[0] if need_calibration
            else np.zeros((0, *spec.shape), np.uint8))
-    par, ok, errors = load_images(sets.parity, spec)
+    par, ok, errors = load_images(sets.parity, spec.geometry)  # before the intensity step: see the gate
     for e in errors:
         log(f"warning: skipped {e}")
     return cal, ([sets.parity[i] for i in ok], par)

@@ -238,3 +238,25 @@ def test_operating_point_reuses_known_outputs_and_skips_undecodable_files(tiny_a
         assert threshold == pytest.approx(computed[0], abs=1e-6)
         assert point["chosen_on"] == computed[1]["chosen_on"]
         assert point["validation_sensitivity"] == computed[1]["validation_sensitivity"]
+
+
+def test_equalized_recipe_travels_to_the_device(tmp_path, phantom_data):
+    """A model trained with --intensity equalize: export proves it on equalized films, the
+    manifest carries the step, and classify (no TensorFlow) applies it: Keras on equalized input."""
+    from conftest import run_cli
+    from xray_edge.inputs import walk_images
+    from xray_edge.preprocess import Preprocessing
+
+    spec = Preprocessing(intensity="equalize")
+    path = save_with_record(tiny_model(), tmp_path, ["COVID19", "NORMAL"], phantom_data, preprocessing=spec)
+    assert export_folder(path, formats=("float32", "onnx")).passed
+    assert read_manifest(tmp_path / "manifest.json").preprocessing == spec
+    films = list(walk_images(phantom_data / "test"))[:4]
+    want = keras_probs(path, np.stack([load_image(p, spec) for p in films]))
+    plain = keras_probs(path, np.stack([load_image(p) for p in films]))
+    assert np.abs(want - plain).max() > 1e-3, "equalizing changed nothing: the test would prove nothing"
+    r = run_cli("classify", "--model", tmp_path, "--json", *films)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    for g, w in zip(got, want):
+        assert abs(g["scores"]["NORMAL"] - float(w[-1])) < 1e-4, (g, w)  # NORMAL is the last output

@@ -302,6 +302,20 @@ def test_phantoms_pass_the_layout_and_spectrum_bounds_at_small_input_sizes(tmp_p
         assert decision.accepted, (size, decision.reason)
 
 
+def test_the_gate_judges_the_film_before_the_intensity_step(tmp_path):
+    """Equalisation would stretch a black page into contrast: the gate decides on the plain pixels
+    and hands the model the equalised ones."""
+    from xray_edge.preprocess import Preprocessing, load_image
+
+    eq = Preprocessing(intensity="equalize")
+    black, film = tmp_path / "black.png", phantom_png(tmp_path / "film.png", 0, True)
+    Image.fromarray(np.full((300, 300), 3, np.uint8)).save(black)  # near black: equalize spreads it
+    assert check_input(black)[0].rule == check_input(black, eq)[0].rule == "contrast"
+    decision, image = check_input(film, eq)
+    assert decision.accepted and np.array_equal(image, load_image(film, eq))
+    assert not np.array_equal(image, load_image(film))
+
+
 def test_real_films_are_accepted(shared_data):
     films = sorted(p for p in Path(shared_data).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     refused = [p.name for p in films if not check_input(p)[0].accepted]

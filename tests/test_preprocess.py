@@ -253,3 +253,41 @@ def test_preprocessing_values_the_runner_cannot_honour_are_refused(bad):
 def test_name_too_long_and_unreachable_folder_are_image_errors(tmp_path):
     with pytest.raises(ImageError, match="cannot open"):
         load_image(tmp_path / ("x" * 300 + ".png"))
+
+
+# --------------------------------------------------------------------------- intensity
+EQUALIZE = Preprocessing(intensity="equalize")
+
+
+def test_equalize_spreads_a_dull_film_and_is_the_step_after_geometry(tmp_path):
+    dull = (96 + gradient() // 8).astype(np.uint8)  # grey levels 96-127 only, as an under-exposed film
+    path = save(Image.fromarray(dull), tmp_path / "dull.png")
+    plain, eq = load_image(path), load_image(path, EQUALIZE)
+    assert plain.max() - plain.min() < 40 and eq.max() - eq.min() > 200
+    assert np.array_equal(eq, EQUALIZE.adjust(load_image(path, EQUALIZE.geometry)))
+    assert np.array_equal(eq[..., 0], eq[..., 2])  # grey stays grey
+    assert np.array_equal(plain, Preprocessing().adjust(plain))  # "none" leaves pixels alone
+
+
+def test_equalize_makes_two_exposures_of_one_film_alike(tmp_path):
+    film = gradient()
+    dark = save(Image.fromarray((film * 0.4).astype(np.uint8)), tmp_path / "dark.png")
+    bright = save(Image.fromarray((80 + film * 0.6).astype(np.uint8)), tmp_path / "bright.png")
+    gap = lambda spec: np.abs(load_image(dark, spec).astype(int) - load_image(bright, spec)).mean()
+    assert gap(EQUALIZE) < gap(Preprocessing()) / 4
+
+
+@pytest.mark.parametrize("record,ok", [({"intensity": "none", "version": "1"}, True),
+                                        ({"version": "1"}, True),  # records made before the field
+                                        ({"intensity": "equalize", "version": "2"}, True),
+                                        ({"intensity": "equalize", "version": "1"}, False),
+                                        ({"intensity": "clahe"}, False), ({"intensity": None}, False)])
+def test_intensity_in_a_record_is_honoured_or_refused(record, ok):
+    d = {**Preprocessing().to_dict(), **record}
+    if "intensity" not in record:
+        del d["intensity"]
+    if ok:
+        assert Preprocessing.from_dict(d).intensity == record.get("intensity", "none")
+    else:
+        with pytest.raises(ValueError, match="preprocessing"):
+            Preprocessing.from_dict(d)

@@ -37,7 +37,7 @@ def tiny_model(num_classes: int = 2, seed: int = 9):
     ])
 
 
-def save_with_record(model, folder: Path, classes, data: Path) -> Path:
+def save_with_record(model, folder: Path, classes, data: Path, preprocessing=None) -> Path:
     """Save like the trainer does: model.keras + training.json with split file lists."""
     from xray_edge.inputs import walk_images
     from xray_edge.training_record import TrainingRecord
@@ -52,7 +52,8 @@ def save_with_record(model, folder: Path, classes, data: Path) -> Path:
     def label(p: str) -> int:
         return next(i for i, c in enumerate(classes) if f"/{c}/" in p)
 
-    TrainingRecord(classes=list(classes), positive_class=classes[0], data=str(data),
+    extra = {"preprocessing": preprocessing} if preprocessing is not None else {}
+    TrainingRecord(classes=list(classes), positive_class=classes[0], data=str(data), **extra,
                    synthetic=(data / "SYNTHETIC").exists(),
                    files={"train": train, "validation": [], "test": test},
                    labels={"train": [label(p) for p in train], "validation": [],

@@ -30,6 +30,14 @@ CANDIDATES = {
     "balanced": ["--balance", "class"],
     # + contrast/gamma/noise augmentation and blanking of the outer band where markers sit
     "robust": ["--balance", "class", "--photometric", "0.3", "--border-erase", "0.5"],
+    # + each film's histogram equalised: part of the one preprocessing, so on the device too
+    "equalized": ["--balance", "class", "--photometric", "0.3", "--border-erase", "0.5",
+                  "--intensity", "equalize"],
+    # the same two with four times as many weight updates per epoch (batch 8 instead of 32):
+    # at batch 32 and Adam 1e-4 a 30-epoch run is 270 updates and ends under-fitted
+    "robust_b8": ["--balance", "class", "--photometric", "0.3", "--border-erase", "0.5", "--batch-size", "8"],
+    "equalized_b8": ["--balance", "class", "--photometric", "0.3", "--border-erase", "0.5",
+                     "--intensity", "equalize", "--batch-size", "8"],
 }
 
 
