@@ -113,17 +113,21 @@ def main() -> None:
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.95,
               show_default=True, help="The operating point: the threshold reaching this sensitivity for the "
                                       "disease class on validation, used by every figure and by export.")
-@click.option("--photometric", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
-              help="Contrast, gamma and noise augmentation strength (0: off).")
-@click.option("--border-erase", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Chance per training image of blanking an outer band where markers sit (0: off).")
+@click.option("--photometric", type=click.FloatRange(0, 0.9), default=None,
+              help="Contrast, gamma and noise augmentation strength (0: off). Default: 0.3 with --data, "
+                   "0 on the phantoms (the recipe study, docs/training.md).")
+@click.option("--border-erase", type=click.FloatRange(0, 1), default=None,
+              help="Chance per training image of blanking an outer band where markers sit (0: off). "
+                   "Default: 0.5 with --data, 0 on the phantoms.")
 @click.option("--intensity", type=click.Choice(["none", "equalize"]), default="none", show_default=True,
               help="Part of the one preprocessing, recorded with the model: 'equalize' spreads each film's "
                    "grey levels by histogram equalisation, on every device too (docs/training.md).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
               help="Output folder for model.keras, metrics and plots.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Default: 8 with --data (four times the tutorial's updates per epoch; the recipe study), "
+                   "32 on the phantoms (the tutorial's).")
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
               help="Adam learning rate. The tutorial used 1e-3, which can collapse to a constant "
                    "output on small real sets (docs/training.md); a collapsed run is refused.")
@@ -169,6 +173,7 @@ def train(data, classes, external, balance, target_sensitivity, photometric, bor
     from xray_edge.train.dataset import discover, external_sets
 
     class_list = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
+    knobs = launch.recipe(bool(data), photometric=photometric, border_erase=border_erase, batch_size=batch_size)
     with tool_errors():
         if not data:
             data = (launch.default_phantoms(phantom_size),)
@@ -196,8 +201,9 @@ def train(data, classes, external, balance, target_sensitivity, photometric, bor
     with tool_errors():
         cfg = TrainConfig(data=data if len(data) > 1 else data[0], classes=class_list, external=external,
                           balance=balance, target_sensitivity=target_sensitivity,
-                          photometric=photometric, border=border_erase, preprocessing=Preprocessing(intensity=intensity),
-                          out=out, epochs=epochs, batch_size=batch_size,
+                          photometric=knobs["photometric"], border=knobs["border_erase"],
+                          preprocessing=Preprocessing(intensity=intensity),
+                          out=out, epochs=epochs, batch_size=knobs["batch_size"],
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,
                           zoom=zoom, flip=not no_flip, seed=seed, positive_class=positive_class,
                           cache_dir=cache_dir or _default_cache_dir(), precision=precision,

@@ -442,7 +442,9 @@ def test_train_json_is_only_json_without_nan_on_a_one_class_test_split(tmp_path,
     assert m["roc_auc"] is None and "one class" in m["roc_auc_note"]
     assert m["specificity"]["value"] is None and m["sensitivity"]["value"] is not None
     assert _strict((out / "metrics.json").read_text()) == m
-    _strict((out / "training.json").read_text())
+    config = _strict((out / "training.json").read_text())["config"]
+    # --data: the real-film recipe of the study, recorded (docs/training.md)
+    assert (config["batch_size"], config["photometric"], config["border"]) == (8, 0.3, 0.5)
     assert "Epoch 1/1" in r.stderr or "step" in r.stderr  # the progress went to stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.keras", "history.json", "metrics.json", "training.png", "samples.png", "training.json"])
