@@ -17,6 +17,7 @@ class ImageSets:
     calibration: list[Path]  # from the training split
     parity: list[Path]  # validation and test splits: disjoint from calibration
     source: str
+    pool: int = 0  # the training images calibration was drawn from
 
 
 def sample(paths: list[Path], n: int, seed: int) -> list[Path]:
@@ -41,7 +42,7 @@ def image_sets(record: TrainingRecord | None, data: Path | None, n_calibration: 
         held = record.split("validation")[0] + record.split("test")[0]
         if train and held:
             return ImageSets(sample(train, n_calibration, seed), sample(held, n_parity, seed + 1),
-                             "training.json: training split / validation+test splits")
+                             "training.json: training split / validation+test splits", len(train))
     if data is None:
         raise XrayEdgeError("no images for calibration and parity: no training.json with the "
                             "training file lists beside the model; pass --data FOLDER")
@@ -53,4 +54,4 @@ def image_sets(record: TrainingRecord | None, data: Path | None, n_calibration: 
     cal = [allp[i] for i in order[:half]]
     par = [allp[i] for i in order[half:]]
     return ImageSets(sample(cal, n_calibration, seed), sample(par, n_parity, seed + 1),
-                     f"{data}: random halves (seed {seed})")
+                     f"{data}: random halves (seed {seed})", len(cal))

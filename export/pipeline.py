@@ -150,11 +150,15 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         manifest = replace(manifest, input_gate=src.input_gate)
         _publish(stage, manifest, results, cfg.out, steps, log)
     steps.timings["total"] = time.perf_counter() - steps.start
-    return ExportResult(manifest, results, steps.timings, remedy(results, cfg))
+    return ExportResult(manifest, results, steps.timings, remedy(results, cfg, len(cal_images), sets.pool))
 
 
-def remedy(results: list[parity.ParityResult], cfg: ExportConfig) -> str:
-    """What to do about the formats that failed their gates, in one sentence ("" if none did)."""
+def remedy(results: list[parity.ParityResult], cfg: ExportConfig, calibrated: int = 0,
+           available: int = 0) -> str:
+    """What to do about the formats that failed their gates, in one sentence ("" if none did).
+
+    `calibrated`: images that calibrated int8; `available`: training images there were to draw
+    from (more are suggested only when there are more)."""
     failed = [r for r in results if not r.passed]
     if not failed:
         return ""
@@ -164,8 +168,12 @@ def remedy(results: list[parity.ParityResult], cfg: ExportConfig) -> str:
         for r in failed)
     hints = []
     if any(FORMATS[r.format].needs_calibration and not r.error for r in failed):
-        hints.append(f"calibrate int8 on more training images (--calibration-size "
-                     f"{max(2 * cfg.calibration_size, 200)}; now {cfg.calibration_size})")
+        if calibrated and available and calibrated >= available:
+            what += (f" (all {calibrated} training images calibrated it: films this close to the "
+                     f"threshold flip however int8 is calibrated, docs/training.md)")
+        else:
+            hints.append(f"calibrate int8 on more training images (--calibration-size "
+                         f"{max(2 * cfg.calibration_size, 200)}; now {cfg.calibration_size})")
     if passed:
         hints.append(f"export the formats that passed (--formats {','.join(passed)})")
     return f"failed: {what}" + (f". Try: {', or '.join(hints)}" if hints else "")

@@ -71,3 +71,14 @@ def test_failed_int8_gate_says_what_failed_and_what_to_do(tmp_path, phantom_data
     assert "--calibration-size 200; now 8" in error[0] and "--formats float32,onnx" in error[0]
     assert "Traceback" not in r.stderr
     assert _snapshot(tmp_path) == before
+
+
+def test_failed_int8_gate_does_not_ask_for_calibration_images_there_are_not(tmp_path, phantom_data):
+    """With every training image already calibrating, "more" is no remedy: it says so instead."""
+    path = save_with_record(tiny_model(seed=3), tmp_path, ["COVID19", "NORMAL"], phantom_data)
+    r = run_cli("export", "--model", path, "--formats", "float32,int8", "--int8-atol", "1e-9",
+                "--calibration-size", "100000")
+    assert r.returncode == 1, r.stderr
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "--calibration-size" not in error[0], r.stderr
+    assert "training images calibrated it" in error[0] and "--formats float32" in error[0]
