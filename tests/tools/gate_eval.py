@@ -63,15 +63,20 @@ def _film(data: Path | None, rng) -> np.ndarray:
     return np.asarray(Image.fromarray(phantom_image(rng, opacities=False)).resize((400, 400)))
 
 
+def _saver(out: Path, sets: dict[str, list[Path]], stem):
+    """save(kind, name, array or image): a PNG named stem(kind)_name.png in `out`, listed under kind."""
+    def save(kind: str, name: str, arr_or_img) -> None:
+        img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
+        p = out / f"{stem(kind)}_{name}.png"
+        img.save(p)
+        sets.setdefault(kind, []).append(p)
+    return save
+
+
 def generated(out: Path, data: Path | None) -> dict[str, list[Path]]:
     rng = np.random.default_rng(1)
     sets: dict[str, list[Path]] = {}
-
-    def save(kind: str, name: str, arr_or_img) -> None:
-        img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
-        p = out / f"{kind.replace('/', '_')}_{name}.png"
-        img.save(p)
-        sets.setdefault(kind, []).append(p)
+    save = _saver(out, sets, lambda kind: kind.replace("/", "_"))
 
     # uniform and nearly uniform
     for v in (0, 1, 40, 128, 200, 255):
@@ -186,12 +191,7 @@ def noise_and_slices(out: Path) -> dict[str, list[Path]]:
     """Smoothed noise at many scales, clouds and blobs, drawn CT slices (no data needed)."""
     rng = np.random.default_rng(2)
     sets: dict[str, list[Path]] = {}
-
-    def save(kind: str, name: str, arr_or_img) -> None:
-        img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
-        p = out / f"{kind.split()[0]}_{name}.png"
-        img.save(p)
-        sets.setdefault(kind, []).append(p)
+    save = _saver(out, sets, lambda kind: kind.split()[0])
 
     smooth = "smoothed noise (radius 1-32 px)"
     for radius in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
