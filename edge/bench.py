@@ -23,7 +23,7 @@ def synthetic_jpeg(path: Path, size: int = 1024) -> Path:
     """A film-like grey JPEG (torso, two lungs, ribs, a mediastinum, noise), so the benchmark needs
     no data and measures a real classification: the input gate accepts it, as it accepts the
     training phantoms (a gradient or plain noise would be refused before the model runs)."""
-    from PIL import Image
+    from PIL import Image, ImageFilter
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -36,6 +36,8 @@ def synthetic_jpeg(path: Path, size: int = 1024) -> Path:
     img[lungs] = 55
     img[lungs & (np.sin(2 * np.pi * (yy + 0.6 * (xx - 0.5) ** 2) / 0.075) > 0.55)] += 35  # ribs
     img[(np.abs(xx - 0.5) < 0.06 + 0.02 * (yy > 0.55)) & torso] = 170  # mediastinum and spine
+    # soft edges, as tissue gives: a few flat grey levels would be refused as drawn (`posterized`)
+    img = np.asarray(Image.fromarray(img.astype(np.uint8)).filter(ImageFilter.GaussianBlur(size / 128)), np.float32)
     img += rng.normal(0, 7, img.shape)
     buf = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)

@@ -420,3 +420,12 @@ def test_info_shows_the_rules(tiny_artifacts):
     assert gate["source"] == "model" and gate["reference"]["images"] > 0
     lo, hi = gate["reference"]["ranges"]["contrast"]
     assert 20 < lo < hi < 80
+
+
+@pytest.mark.parametrize("size", [256, 1024])
+def test_the_benchmarks_film_is_accepted(tmp_path, size):
+    # make bench and bench-serve time real classifications of this drawing: a refusal is no figure
+    from xray_edge.bench import synthetic_jpeg
+
+    decision, _ = check_input(synthetic_jpeg(tmp_path / "one.jpg", size))
+    assert decision.accepted, decision.reason
