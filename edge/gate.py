@@ -8,9 +8,10 @@ Two checks, in this order, both on the device without TensorFlow:
 2. Image statistics on the model's own input array (any file, DICOM too): colour, contrast,
    texture, shares of white, black and flat grey, left-right symmetry, the chest's column
    profile, large-scale structure, the fall of the spectrum, air-filled lungs above a dense
-   centre, sharp edges and a smooth grey-level histogram. They refuse blank and uniform images, colour pictures and screenshots, pages of text,
-   noise (smoothed or not) and CT or MR slices saved as pictures; the bounds were chosen with
-   ``make gate-eval`` (docs/edge.md, with what they miss).
+   centre, sharp edges and a smooth grey-level histogram. They refuse blank and uniform images,
+   colour pictures and screenshots, pages of text, noise (smoothed or not) and CT or MR slices
+   saved as pictures; the bounds were chosen with ``make gate-eval`` (docs/edge.md, with what
+   they miss).
    A film that passes but lies outside the statistics of the films the model came from is
    labelled and flagged (`Decision.unlike_training`).
 
@@ -255,13 +256,13 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     h, w = g.shape
     col = g[h // 5: 4 * h // 5].mean(axis=0)
     centre = col[int(w * 0.42):int(w * 0.58)].mean()
-    lungs = (col[int(w * 0.15):int(w * 0.35)].mean() + col[int(w * 0.65):int(w * 0.85)].mean()) / 2
+    lung_bands = (col[int(w * 0.15):int(w * 0.35)].mean() + col[int(w * 0.65):int(w * 0.85)].mean()) / 2
     levels = np.bincount(g.astype(np.uint8).ravel(), minlength=256)
     bands = levels.reshape(32, 8).sum(axis=1)
     return {"colour": float((chroma > 24).mean()), "contrast": contrast, "roughness": float(rough),
             "white": float((g > 247).mean()), "black": float((g < 8).mean()),
             "flat": float(bands[1:31].max() / g.size),
-            "symmetry": symmetry, "mediastinum": float((centre - lungs) / scale),
+            "symmetry": symmetry, "mediastinum": float((centre - lung_bands) / scale),
             "structure": _structure(g, power), "falloff": _falloff(centred),
             "lungs": _lungs(g) / scale, "edges": _edges(dx, dy), "posterized": _posterized(levels)}
 

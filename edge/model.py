@@ -53,8 +53,7 @@ def open_model(model: str | Path, file_name: str | None = None, backend: str = "
     `mapped=True` (a .tflite file; for short-lived processes such as `classify`): the runtime
     maps the file instead of getting a copy in memory; it is hashed through a mapping and
     loaded from the same open file, which must then show the size, mtime and ctime it had when
-    opened
-    (`backends.MappedModel`); a file changed in the last 2 s is read as usual. A long-running
+    opened (`backends.MappedModel`); a file changed in the last 2 s is read as usual. A long-running
     process keeps the copy: page-cache eviction or a later write cannot change what it runs.
 
     Raises:

@@ -117,7 +117,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
         sets = calibration.image_sets(record, cfg.data, cfg.calibration_size, cfg.parity_size, cfg.seed)
     with steps("images and Keras reference"):
         cal_images, (par_paths, par_plain) = _images(sets, spec, any(f.needs_calibration for f in formats), log)
-        par_images = np.stack([spec.adjust(im) for im in par_plain]) if len(par_plain) else par_plain
+        par_images = (np.stack([spec.adjust(im) for im in par_plain])  # no copy without a step
+                      if spec.intensity != "none" and len(par_plain) else par_plain)
         reference = np.asarray(model.predict(par_images, batch_size=16, verbose=0), dtype=np.float32)
         cal = f"calibration: {len(cal_images)} images; " if len(cal_images) else ""
         log(f"{cal}parity: {len(par_images)} held-out images ({sets.source})")
