@@ -134,11 +134,26 @@ def main() -> None:
                 f"m = keras.saving.load_model({str(args.artifacts / 'model.keras')!r})\n"
                 f"img = keras.utils.load_img({str(jpeg)!r}, target_size=(200, 200))\n"
                 "print(m.predict(np.asarray(img)[None], verbose=0))"]
+    # The floor under any runner of this file: Python, numpy and the runtime imported, the model
+    # loaded (XNNPACK packs its weights at every load) and invoked once on zeros; no Pillow, click,
+    # manifest, sha256, decode or gate.
+    floor = [sys.executable, "-c",
+             "import os; os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # as classify\n"
+             "import numpy as np\n"
+             "try:\n    from ai_edge_litert.interpreter import Interpreter\n"
+             "except ImportError:\n    from tflite_runtime.interpreter import Interpreter\n"
+             f"it = Interpreter(model_path={str(resolved.path)!r}, num_threads={os.cpu_count()})\n"
+             "it.allocate_tensors(); d = it.get_input_details()[0]\n"
+             "it.set_tensor(d['index'], np.zeros(d['shape'], d['dtype'])); it.invoke()"]
     phases = [json.loads(run_phases(args.artifacts, jpeg)) for _ in range(args.cold)]
     print("\ncold start by phase, new process each, medians of", args.cold, "runs (ms): " + ", ".join(
         f"{k} {statistics.median(p[k] for p in phases):.0f}" for k in phases[0]))
     w1, r1 = cold(ours, args.cold)
     print(f"\ncold `xray-edge classify one.jpg` ({resolved.path.name}): median {w1:.3f} s, peak {r1:.0f} MB")
+    if resolved.path.suffix == ".tflite":
+        w0, r0 = cold(floor, args.cold)
+        print(f"the runtime alone (Python, numpy, LiteRT, load, one invoke on zeros): median {w0:.3f} s, "
+              f"peak {r0:.0f} MB; classify is {w1 / w0:.2f}x that")
     if (args.artifacts / "model.keras").exists():
         w2, r2 = cold(tutorial, max(3, args.cold // 2))
         print(f"tutorial route (import TensorFlow, load_model, predict): median {w2:.3f} s, peak {r2:.0f} MB")
