@@ -1,0 +1,89 @@
+"""Would a distance in the model's own feature space refuse what the input gate's statistics let
+through? Issue 23 proposed it; this measures it before anything is built.
+
+    python tests/tools/feature_distance.py RUN [--shared ../shared/data]
+
+RUN is a training folder (model.keras, training.json) of real films. Features are the Dense
+layer's activations (the layer before the sigmoid). Three distances to the training split's
+features: Mahalanobis in its 20 first principal components (standardised features), the
+residual outside them, and 1 - the mean cosine similarity of the 5 nearest training films. Rows:
+the splits, the real sets of ../shared/data, the non-radiographs of `make gate-eval` that the
+statistics accept, and all of them. Needs the training extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--components", type=int, default=20)
+    args = ap.parse_args(argv)
+    import keras
+
+    from gate_eval import noise_and_slices, pydicom_sets
+    from xray_edge.gate import decide_image
+    from xray_edge.inputs import walk_images
+    from xray_edge.preprocess import Preprocessing, load_images
+
+    rec = json.loads((args.run / "training.json").read_text())
+    spec = Preprocessing.from_dict(rec["preprocessing"])
+    model = keras.saving.load_model(args.run / "model.keras", compile=False)
+    dense = next(layer for layer in model.layers if layer.__class__.__name__ == "Dense")
+    features = keras.Model(model.inputs, dense.output)
+
+    def embed(paths):
+        x = load_images([Path(p) for p in paths], spec)[0]
+        return np.asarray(features.predict(x, batch_size=32, verbose=0)), x
+
+    train, _ = embed(rec["files"]["train"])
+    mu, sd = train.mean(0), train.std(0) + 1e-3
+    _, s, vt = np.linalg.svd((train - mu) / sd, full_matrices=False)
+    k = args.components
+    unit = train / (np.linalg.norm(train, axis=1, keepdims=True) + 1e-9)
+
+    def distances(f):
+        z = (f - mu) / sd
+        p = z @ vt[:k].T
+        maha = np.sqrt(((p / (s[:k] / np.sqrt(len(train)))) ** 2).sum(1))
+        resid = np.linalg.norm(z - p @ vt[:k], axis=1)
+        cos = (f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-9)) @ unit.T
+        return np.c_[maha, resid, 1 - np.sort(cos, axis=1)[:, -5:].mean(1)]
+
+    rows = {"train": distances(train)}
+    for split in ("validation", "test"):
+        if rec["files"].get(split):
+            rows[split] = distances(embed(rec["files"][split])[0])
+    for name in ("chest-xray-small", "nih-adult", "figure1-covid"):
+        if (args.shared / name).is_dir():
+            rows[name] = distances(embed(sorted(walk_images(args.shared / name)))[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        built = [p for paths in {**noise_and_slices(Path(tmp)), **pydicom_sets(Path(tmp))}.values()
+                 for p in paths if p.suffix == ".png"]
+        f, x = embed(built)
+        accepted = [i for i in range(len(built)) if decide_image(x[i]).accepted]
+        rows["built, accepted by the statistics"] = distances(f[accepted])
+        rows["built, all"] = distances(f)
+        names = [built[i].name for i in accepted]
+    print(f"{'set':<36}{'n':>5}  Mahalanobis p50/p99/max   residual p50/p99/max   5-NN cosine p50/p99/max")
+    for name, d in rows.items():
+        q = np.percentile(d, [50, 99, 100], axis=0)
+        print(f"{name:<36}{len(d):>5}  " + "   ".join(
+            f"{q[0, j]:6.3g} {q[1, j]:6.3g} {q[2, j]:6.3g}" for j in range(3)))
+    print("accepted by the statistics:", ", ".join(names) or "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
