@@ -57,6 +57,37 @@ def test_augmentation_only_in_training():
     assert y.min() >= 0 and y.max() <= 255  # convex combinations of pixels
 
 
+def test_degrade_blurs_and_compresses_like_jpeg_only_in_training(tmp_path):
+    """The re-compression is JPEG's lossy step: it lands where Pillow's own JPEG encoder lands."""
+    import io
+
+    from keras import ops
+    from PIL import Image
+
+    from xray_edge.bench import synthetic_jpeg
+    from xray_edge.train.augment import Degrade, _gaussian, _jpeg_blocks
+
+    film = np.asarray(Image.open(synthetic_jpeg(tmp_path / "film.jpg", 200)).convert("L"), np.float32)
+    x = np.repeat(film[None, :, :, None], 3, axis=3)
+    for quality in (30, 75):
+        buf = io.BytesIO()
+        Image.fromarray(film.astype(np.uint8)).save(buf, format="JPEG", quality=quality, subsampling=0)
+        pillow = np.asarray(Image.open(buf).convert("L"), np.float32)
+        ours = np.asarray(_jpeg_blocks(ops.convert_to_tensor(x[:1]), ops.convert_to_tensor([float(quality)])))[0, :, :, 0]
+        change = np.abs(pillow - film).mean()
+        assert change > 0.5 and np.abs(ours - pillow).mean() < 0.3 * change
+    weights = np.asarray(_gaussian(ops.convert_to_tensor([1.0]), 200))[0]
+    np.testing.assert_allclose(weights.sum(axis=1), 1, rtol=1e-5)
+    blurred = weights @ film @ weights.T
+    assert np.abs(np.diff(blurred, axis=1)).mean() < 0.8 * np.abs(np.diff(film, axis=1)).mean()
+
+    layer = Degrade(1.0, seed=1)
+    assert np.array_equal(np.asarray(layer(x, training=False)), x)
+    y = np.asarray(layer(x, training=True))
+    assert y.shape == x.shape and not np.allclose(y, x) and y.min() >= 0 and y.max() <= 255
+    assert np.array_equal(np.asarray(Degrade(0.0, seed=1)(x, training=True)), x)
+
+
 def test_zoom_one_without_flip_is_identity_and_flip_mirrors():
     from keras import ops
 
@@ -180,11 +211,11 @@ def test_short_run_on_phantoms_writes_everything_and_skips_bad_files(tmp_path, p
 def test_real_films_get_the_studied_recipe_and_phantoms_the_tutorials():
     from xray_edge.train.launch import recipe
 
-    assert recipe(True) == {"photometric": 0.3, "border_erase": 0.5, "batch_size": 8}
-    assert recipe(False) == {"photometric": 0.0, "border_erase": 0.0, "batch_size": 32}
+    assert recipe(True) == {"photometric": 0.3, "border_erase": 0.5, "batch_size": 8, "degrade": 0.0}
+    assert recipe(False) == {"photometric": 0.0, "border_erase": 0.0, "batch_size": 32, "degrade": 0.0}
     # a value given on the command line wins, 0 included
-    assert recipe(True, photometric=0.0, batch_size=32) == {"photometric": 0.0, "border_erase": 0.5,
-                                                            "batch_size": 32}
+    assert recipe(True, photometric=0.0, batch_size=32, degrade=0.5) == {
+        "photometric": 0.0, "border_erase": 0.5, "batch_size": 32, "degrade": 0.5}
 
 
 def test_same_seed_same_run(tmp_path, phantom_data):

@@ -101,3 +101,88 @@ class Photometric(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "strength": self.strength, "border": self.border, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="xray_edge")
+class Degrade(keras.layers.Layer):
+    """Training-only copying losses, as films reach a publication or a viewer's export: with chance
+    `chance` each, a Gaussian blur (sigma U[0.3, 1.5] px) and a JPEG-like re-compression (8 x 8
+    block DCT, coefficients rounded to the standard luminance table at quality U[20, 90]).
+
+    Both are matrix products, so they run on any Keras backend: the blur is the same separable
+    Ry @ img @ Rx^T as `ZoomFlip`, the DCT is D @ block @ D^T. Pixels stay 0-255. A side that is not
+    a multiple of 8 is compressed in its whole blocks only.
+    """
+
+    def __init__(self, chance: float = 0.5, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.chance, self.seed = chance, seed
+        self._seed_gen = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training or self.chance <= 0:
+            return x
+        b = ops.shape(x)[0]
+        h, w = x.shape[1], x.shape[2]
+        x = ops.cast(x, "float32")
+        sigma = keras.random.uniform((b,), 0.3, 1.5, seed=self._seed_gen)
+        blurred = ops.einsum("blk,bikc->bilc", _gaussian(sigma, w),
+                             ops.einsum("bij,bjkc->bikc", _gaussian(sigma, h), x))
+        x = _where_chance(self.chance, b, blurred, x, self._seed_gen)
+        quality = keras.random.uniform((b,), 20, 90, seed=self._seed_gen)
+        hb, wb = h - h % 8, w - w % 8
+        if hb and wb:
+            blocks = _jpeg_blocks(x[:, :hb, :wb, :], quality)
+            squeezed = ops.concatenate([ops.concatenate([blocks, x[:, :hb, wb:, :]], axis=2), x[:, hb:, :, :]], axis=1)
+            x = _where_chance(self.chance, b, squeezed, x, self._seed_gen)
+        return ops.clip(x, 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "chance": self.chance, "seed": self.seed}
+
+
+def _where_chance(chance: float, b, new, old, seed_gen):
+    on = keras.random.uniform((b, 1, 1, 1), 0, 1, seed=seed_gen) < chance
+    return ops.where(on, new, old)
+
+
+def _gaussian(sigma, n: int):
+    """(B, n, n) row-normalised Gaussian weights of width sigma (pixels), edges renormalised."""
+    i = ops.cast(ops.arange(n), "float32")
+    d = i[None, :, None] - i[None, None, :]
+    g = ops.exp(-0.5 * (d / sigma[:, None, None]) ** 2)
+    return g / ops.sum(g, axis=2, keepdims=True)
+
+
+# JPEG's standard luminance quantisation table (ITU-T T.81, Annex K) and the orthonormal 8-point DCT
+_LUMA = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+         14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+         49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]
+
+
+def _dct_matrix():
+    k = ops.cast(ops.arange(8), "float32")
+    d = ops.cos((2 * k[None, :] + 1) * k[:, None] * (3.141592653589793 / 16))
+    scale = ops.where(k == 0, (1 / 8) ** 0.5, (2 / 8) ** 0.5)
+    return d * scale[:, None]
+
+
+def _jpeg_blocks(x, quality):
+    """x (B, H, W, C) with H, W multiples of 8, through JPEG's lossy step at each image's quality."""
+    b = ops.shape(x)[0]
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    scale = ops.where(quality < 50, 5000 / quality, 200 - 2 * quality)  # libjpeg's quality scaling
+    table = ops.maximum(ops.floor((ops.reshape(ops.convert_to_tensor(_LUMA, "float32"), (1, 8, 8))
+                                   * scale[:, None, None] + 50) / 100), 1.0)
+    d = _dct_matrix()
+    # (B, 8, 8, blocks x channels): every tensor stays 4-D (TensorFlow broadcasts up to 5)
+    blocks = ops.transpose(ops.reshape(x - 128.0, (b, h // 8, 8, w // 8, 8, c)), (0, 2, 4, 1, 3, 5))
+    blocks = ops.reshape(blocks, (b, 8, 8, -1))
+    coef = ops.einsum("uy,byxn,vx->buvn", d, blocks, d)
+    q = table[:, :, :, None]
+    coef = ops.round(coef / q) * q
+    out = ops.reshape(ops.einsum("uy,buvn,vx->byxn", d, coef, d), (b, 8, 8, h // 8, w // 8, c))
+    return ops.reshape(ops.transpose(out, (0, 3, 1, 4, 2, 5)), (b, h, w, c)) + 128.0

@@ -37,7 +37,7 @@ from xray_edge.training_record import TrainingRecord
 from xray_edge.preprocess import DEFAULT, Preprocessing
 from xray_edge import metrics
 from xray_edge.folders import ClassImages
-from xray_edge.train.augment import Photometric, ZoomFlip
+from xray_edge.train.augment import Degrade, Photometric, ZoomFlip
 from xray_edge.train.batches import Batches, predict
 from xray_edge.train.cache import Decoded, Progress, decode_to_store
 from xray_edge.train.dataset import (Dataset, Split, balance_weights, discover, external_sets,
@@ -83,6 +83,7 @@ class TrainConfig:
     target_sensitivity: float = 0.95  # of the operating point, chosen on validation
     photometric: float = 0.0  # strength of contrast/gamma/noise augmentation (0: off)
     border: float = 0.0  # chance of blanking an outer band of the film in training (0: off)
+    degrade: float = 0.0  # chance of a blur, and of a JPEG-like re-compression, in training (0: off)
     preprocessing: Preprocessing = DEFAULT
     plots: bool = True
     verbose: int = 1
@@ -464,6 +465,8 @@ def training_model(model: keras.Model, cfg: TrainConfig) -> keras.Model:
               ZoomFlip(cfg.zoom, cfg.flip, seed=cfg.seed, name="augment")]
     if cfg.photometric > 0 or cfg.border > 0:
         layers.append(Photometric(cfg.photometric, cfg.border, seed=cfg.seed + 7, name="photometric"))
+    if cfg.degrade > 0:
+        layers.append(Degrade(cfg.degrade, seed=cfg.seed + 11, name="degrade"))
     trainer = keras.Sequential([*layers, model], name="xray_cnn_training")
     loss = (keras.losses.BinaryCrossentropy if binary else keras.losses.SparseCategoricalCrossentropy)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),

@@ -40,6 +40,8 @@ CANDIDATES = {
     # at batch 32 and Adam 1e-4 a 30-epoch run is 270 updates and ends under-fitted
     "robust_b8": [*_ROBUST, "--batch-size", "8"],
     "equalized_b8": [*_ROBUST, "--batch-size", "8", "--intensity", "equalize"],
+    # robust_b8 plus blur and JPEG-like re-compression in training (the last augmentations)
+    "degraded_b8": [*_ROBUST, "--batch-size", "8", "--degrade", "0.5"],
 }
 
 
