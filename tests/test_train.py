@@ -86,6 +86,9 @@ def test_degrade_blurs_and_compresses_like_jpeg_only_in_training(tmp_path):
     y = np.asarray(layer(x, training=True))
     assert y.shape == x.shape and not np.allclose(y, x) and y.min() >= 0 and y.max() <= 255
     assert np.array_equal(np.asarray(Degrade(0.0, seed=1)(x, training=True)), x)
+    odd = x[:, :203, :197]  # sides that are not multiples of 8: the whole blocks only
+    y = np.asarray(layer(odd, training=True))
+    assert y.shape == odd.shape and not np.allclose(y, odd)
 
 
 def test_zoom_one_without_flip_is_identity_and_flip_mirrors():

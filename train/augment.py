@@ -132,9 +132,9 @@ class Degrade(keras.layers.Layer):
         quality = keras.random.uniform((b,), 20, 90, seed=self._seed_gen)
         hb, wb = h - h % 8, w - w % 8
         if hb and wb:
-            blocks = _jpeg_blocks(x[:, :hb, :wb, :], quality)
-            squeezed = ops.concatenate([ops.concatenate([blocks, x[:, :hb, wb:, :]], axis=2), x[:, hb:, :, :]], axis=1)
-            x = _where_chance(self.chance, b, squeezed, x, self._seed_gen)
+            inner = _jpeg_blocks(x[:, :hb, :wb, :], quality)
+            compressed = ops.concatenate([ops.concatenate([inner, x[:, :hb, wb:, :]], axis=2), x[:, hb:, :, :]], axis=1)
+            x = _where_chance(self.chance, b, compressed, x, self._seed_gen)
         return ops.clip(x, 0.0, 255.0)
 
     def compute_output_shape(self, input_shape):
