@@ -119,9 +119,9 @@ def main() -> None:
 @click.option("--border-erase", type=click.FloatRange(0, 1), default=None,
               help="Chance per training image of blanking an outer band where markers sit (0: off). "
                    "Default: 0.5 with --data, 0 on the phantoms.")
-@click.option("--degrade", type=click.FloatRange(0, 1), default=None,
+@click.option("--degrade", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Chance per training image of a blur, and of a JPEG-like re-compression, as films get "
-                   "copied into publications (0: off; the default, docs/training.md).")
+                   "copied into publications (0: off; measured in docs/training.md).")
 @click.option("--intensity", type=click.Choice(["none", "equalize"]), default="none", show_default=True,
               help="Part of the one preprocessing, recorded with the model: 'equalize' spreads each film's "
                    "grey levels by histogram equalisation, on every device too (docs/training.md).")
@@ -176,8 +176,7 @@ def train(data, classes, external, balance, target_sensitivity, photometric, bor
     from xray_edge.train.dataset import discover, external_sets
 
     class_list = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
-    knobs = launch.recipe(bool(data), photometric=photometric, border_erase=border_erase, batch_size=batch_size,
-                          degrade=degrade)
+    knobs = launch.recipe(bool(data), photometric=photometric, border_erase=border_erase, batch_size=batch_size)
     with tool_errors():
         if not data:
             data = (launch.default_phantoms(phantom_size),)
@@ -205,7 +204,7 @@ def train(data, classes, external, balance, target_sensitivity, photometric, bor
     with tool_errors():
         cfg = TrainConfig(data=data if len(data) > 1 else data[0], classes=class_list, external=external,
                           balance=balance, target_sensitivity=target_sensitivity,
-                          photometric=knobs["photometric"], border=knobs["border_erase"], degrade=knobs["degrade"],
+                          photometric=knobs["photometric"], border=knobs["border_erase"], degrade=degrade,
                           preprocessing=Preprocessing(intensity=intensity),
                           out=out, epochs=epochs, batch_size=knobs["batch_size"],
                           learning_rate=learning_rate, val_fraction=val_fraction, patience=patience,

@@ -214,11 +214,11 @@ def test_short_run_on_phantoms_writes_everything_and_skips_bad_files(tmp_path, p
 def test_real_films_get_the_studied_recipe_and_phantoms_the_tutorials():
     from xray_edge.train.launch import recipe
 
-    assert recipe(True) == {"photometric": 0.3, "border_erase": 0.5, "batch_size": 8, "degrade": 0.0}
-    assert recipe(False) == {"photometric": 0.0, "border_erase": 0.0, "batch_size": 32, "degrade": 0.0}
+    assert recipe(True) == {"photometric": 0.3, "border_erase": 0.5, "batch_size": 8}
+    assert recipe(False) == {"photometric": 0.0, "border_erase": 0.0, "batch_size": 32}
     # a value given on the command line wins, 0 included
-    assert recipe(True, photometric=0.0, batch_size=32, degrade=0.5) == {
-        "photometric": 0.0, "border_erase": 0.5, "batch_size": 32, "degrade": 0.5}
+    assert recipe(True, photometric=0.0, batch_size=32) == {"photometric": 0.0, "border_erase": 0.5,
+                                                            "batch_size": 32}
 
 
 def test_same_seed_same_run(tmp_path, phantom_data):

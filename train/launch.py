@@ -16,8 +16,8 @@ PHANTOM_DIR = Path("data/phantom")
 # recipe study in docs/training.md (robust_b8: contrast/gamma/noise augmentation, blanking of the
 # outer band where markers sit, four times as many updates per epoch). Phantoms: the tutorial's,
 # so the offline `make train export` is unchanged in time.
-REAL_FILMS = {"photometric": 0.3, "border_erase": 0.5, "batch_size": 8, "degrade": 0.0}
-PHANTOMS = {"photometric": 0.0, "border_erase": 0.0, "batch_size": 32, "degrade": 0.0}
+REAL_FILMS = {"photometric": 0.3, "border_erase": 0.5, "batch_size": 8}
+PHANTOMS = {"photometric": 0.0, "border_erase": 0.0, "batch_size": 32}
 
 
 def recipe(real_films: bool, **given) -> dict:
