@@ -25,7 +25,7 @@ help:
 	@echo "make pi-test                         classify on arm64 Debian 12 under qemu, compare with host"
 	@echo "make bench | bench-train             speed figures for the edge runner / training"
 	@echo "make bench-data [BENCH_IMAGES=n]     decode + batch throughput and peak memory, n synthetic images"
-	@echo "make gate-eval [GATE_DATA=path]      the input gate: accepted/refused per set of films and non-films"
+	@echo "make gate-eval [GATE_DATA=path] [GATE_ARGS='--refuse DIR']  the input gate per set of films and non-films"
 	@echo "make data                            fetch the tutorial's dataset into data/ (needs network)"
 
 $(BIN)/.installed: pyproject.toml
@@ -105,9 +105,11 @@ bench-data: $(BIN)/.installed
 
 # The input gate's evidence: accepted/refused per set (real films of GATE_DATA, phantoms, built
 # non-radiographs, pydicom's test files); exit 1 when a set misses its target (docs/edge.md).
+# Your own sets: GATE_ARGS="--refuse DIR --accept DIR" (folders of non-radiographs / chest films).
 GATE_DATA ?= ../shared/data
+GATE_ARGS ?=
 gate-eval: $(BIN)/.installed
-	$(BIN)/python tests/tools/gate_eval.py --data "$(GATE_DATA)"
+	$(BIN)/python tests/tools/gate_eval.py --data "$(GATE_DATA)" $(GATE_ARGS)
 
 data:
 	@mkdir -p data

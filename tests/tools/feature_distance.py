@@ -1,14 +1,15 @@
 """Would a distance in the model's own feature space refuse what the input gate's statistics let
 through? Issue 23 proposed it; this measures it before anything is built.
 
-    python tests/tools/feature_distance.py RUN [--shared ../shared/data]
+    python tests/tools/feature_distance.py RUN [--shared ../shared/data] [--refuse DIR ...]
 
 RUN is a training folder (model.keras, training.json) of real films. Features are the Dense
 layer's activations (the layer before the sigmoid). Three distances to the training split's
 features: Mahalanobis in its 20 first principal components (standardised features), the
 residual outside them, and 1 - the mean cosine similarity of the 5 nearest training films. Rows:
 the splits, the real sets of ../shared/data, the non-radiographs of `make gate-eval` that the
-statistics accept, and all of them. Needs the training extra.
+statistics accept, and all of them; with --refuse DIR, the images under DIR (in grey) that the
+statistics accept. Needs the training extra.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
     ap.add_argument("--components", type=int, default=20)
+    ap.add_argument("--refuse", type=Path, action="append", default=[], metavar="DIR",
+                    help="a folder of non-radiographs: a row for those the statistics accept")
     args = ap.parse_args(argv)
     import keras
 
-    from gate_eval import noise_and_slices, pydicom_sets
+    from gate_eval import noise_and_slices, pydicom_sets, user_sets
     from xray_edge.gate import decide_image
     from xray_edge.inputs import walk_images
     from xray_edge.preprocess import Preprocessing, load_images
@@ -74,6 +77,15 @@ def main(argv=None) -> int:
         rows["built, accepted by the statistics"] = distances(f[accepted])
         rows["built, all"] = distances(f)
         names = [built[i].name for i in accepted]
+        for name, paths in user_sets(Path(tmp), [], args.refuse)[0].items():
+            if not name.endswith(", in grey") or not paths:
+                continue
+            x, index, _ = load_images(paths, spec)  # a file too small to decode is left out
+            accepted = [i for i in range(len(x)) if decide_image(x[i]).accepted]
+            if accepted:
+                f = np.asarray(features.predict(x[accepted], batch_size=32, verbose=0))
+                rows[f"{name[7:]}, accepted"] = distances(f)
+                names += [paths[index[i]].name for i in accepted]
     print(f"{'set':<36}{'n':>5}  Mahalanobis p50/p99/max   residual p50/p99/max   5-NN cosine p50/p99/max")
     for name, d in rows.items():
         q = np.percentile(d, [50, 99, 100], axis=0)

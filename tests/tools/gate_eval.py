@@ -1,6 +1,7 @@
 """Accepted / refused per set by the input gate (xray_edge.gate): the evidence for its bounds.
 
     python tests/tools/gate_eval.py [--data ../shared/data] [--stats] [--refused] [--rules]
+                                    [--accept DIR ...] [--refuse DIR ...]
 
 Sets: the real chest films of DATA (every <set>/<class>/* image; skipped without DATA), the
 phantoms `make train` draws (train/phantom.py), and non-radiographs built here: uniform and
@@ -12,6 +13,12 @@ saved as PNG (screenshots; its CT and MR slices upside down too), drawn slices (
 head phantom, axial chest CT slices), and the DICOM files themselves. Prints a table; --stats
 adds each statistic's 0.5/1/50/99/99.5 percentiles per set, --refused lists each refused real
 film with its reason, --rules how many files of each set each rule refused.
+
+Your own sets: --accept DIR (chest films: at most 1% refused) and --refuse DIR (anything else:
+none labelled), each repeatable; every image under DIR counts, and a --refuse set is checked a
+second time converted to grey, since colour alone refuses a colour picture. The set "held out"
+(matplotlib's sample pictures in grey and its MR slice) was not looked at when the bounds were
+chosen; it says how far they carry to pictures nobody tuned them on.
 """
 
 from __future__ import annotations
@@ -252,6 +259,58 @@ def pydicom_sets(out: Path) -> dict[str, list[Path]]:
             "pydicom CT/MR slices upside down": flipped}
 
 
+def held_out(out: Path) -> dict[str, list[Path]]:
+    """Pictures the bounds were not chosen on: matplotlib's sample photographs in grey and the MR
+    slice it ships (s1045.ima.gz, 256 x 256 big-endian 16-bit)."""
+    import gzip
+
+    import matplotlib
+
+    sample = Path(matplotlib.get_data_path()) / "sample_data"
+    paths = []
+    for f in sorted(sample.glob("*.[jp][pn]g")):
+        p = out / f"held_out_{f.stem}.png"
+        Image.open(f).convert("L").save(p)
+        paths.append(p)
+    mri = sample / "s1045.ima.gz"
+    if mri.is_file():
+        a = np.frombuffer(gzip.decompress(mri.read_bytes()), ">u2").reshape(256, 256).astype(np.float64)
+        for name, arr in (("mr_s1045", a), ("mr_s1045_upside_down", a[::-1])):
+            paths.append(out / f"held_out_{name}.png")
+            Image.fromarray((arr / arr.max() * 255).astype(np.uint8)).save(paths[-1])
+    return {"held out: matplotlib, grey": paths}
+
+
+def user_sets(out: Path, accept: list[Path], refuse: list[Path]) -> tuple[dict, set[str]]:
+    """The --accept and --refuse folders as sets; a --refuse set also converted to grey.
+    Returns (sets, the names of the sets of chest films)."""
+    sets, chest = {}, set()
+    for d in accept:
+        sets[f"yours: {d.name}"] = _images_under(d)
+        chest.add(f"yours: {d.name}")
+    for i, d in enumerate(refuse):
+        files = _images_under(d)
+        sets[f"yours: {d.name}"] = files
+        grey = []
+        for j, f in enumerate(files):
+            try:
+                with Image.open(f) as im:
+                    g = im.convert("L")
+            except (OSError, ValueError):
+                continue  # counted as an error in the set as it is
+            grey.append(out / f"yours{i}_{j}_{f.stem}.png")
+            g.save(grey[-1])
+        sets[f"yours: {d.name}, in grey"] = grey
+    return sets, chest
+
+
+def _images_under(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in USER_SUFFIXES)
+
+
+USER_SUFFIXES = SUFFIXES | {".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
 def evaluate(paths: list[Path], rules=DEFAULT_RULES):
     rows = []
     for p in paths:
@@ -276,7 +335,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", default="real: nih-adult",
                     help="the set whose even-numbered films make the training reference of the "
                          "'unlike training' flag (default: %(default)s)")
+    ap.add_argument("--accept", type=Path, action="append", default=[], metavar="DIR",
+                    help="a folder of your own chest films: at most 1%% may be refused (repeatable)")
+    ap.add_argument("--refuse", type=Path, action="append", default=[], metavar="DIR",
+                    help="a folder of your own non-radiographs: none may be labelled, as they are "
+                         "or in grey (repeatable)")
     args = ap.parse_args(argv)
+    for d in args.accept + args.refuse:
+        if not d.is_dir():
+            ap.error(f"{d} is not a folder")
     data = args.data if args.data.is_dir() else None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -285,6 +352,9 @@ def main(argv=None) -> int:
         sets.update(generated(out, data))
         sets.update(noise_and_slices(out))
         sets.update(pydicom_sets(out))
+        sets.update(held_out(out))
+        yours, your_films = user_sets(out, args.accept, args.refuse)
+        sets.update(yours)
         print(f"{'set':32} {'files':>6} {'accepted':>9} {'refused':>8} {'errors':>7}  kind")
         bad = 0
         stats_rows = {}
@@ -293,7 +363,7 @@ def main(argv=None) -> int:
             acc = sum(1 for r in rows if r[1] is not None and r[1].accepted)
             err = sum(1 for r in rows if r[1] is None)
             ref = len(rows) - acc - err
-            chest = name.startswith(("real", "phantoms"))
+            chest = name.startswith(("real", "phantoms")) or name in your_films
             print(f"{name:32} {len(rows):6d} {acc:9d} {ref:8d} {err:7d}  "
                   f"{'chest films: accept' if chest else 'not radiographs: refuse'}")
             if chest and ref > 0.01 * len(rows):
@@ -319,7 +389,7 @@ def main(argv=None) -> int:
             print(f"\nflagged 'unlike training' (reference: the even-numbered films of {args.reference}; "
                   f"for that set, the odd-numbered ones)")
             for name, rows in stats_rows.items():
-                if not name.startswith(("real", "phantoms")):
+                if not (name.startswith(("real", "phantoms")) or name in your_films):
                     continue
                 rows = rows[1::2] if name == args.reference else rows
                 flagged = sum(1 for r in rows if unlike_training(r, rules))
