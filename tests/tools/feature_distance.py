@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             accepted = [i for i in range(len(x)) if decide_image(x[i]).accepted]
             if accepted:
                 f = np.asarray(features.predict(x[accepted], batch_size=32, verbose=0))
-                rows[f"{name[7:]}, accepted"] = distances(f)
+                rows[f"{name.removeprefix('yours: ')}, accepted"] = distances(f)
                 names += [paths[index[i]].name for i in accepted]
     print(f"{'set':<36}{'n':>5}  Mahalanobis p50/p99/max   residual p50/p99/max   5-NN cosine p50/p99/max")
     for name, d in rows.items():
@@ -92,6 +92,13 @@ def main(argv=None) -> int:
         print(f"{name:<36}{len(d):>5}  " + "   ".join(
             f"{q[0, j]:6.3g} {q[1, j]:6.3g} {q[2, j]:6.3g}" for j in range(3)))
     print("accepted by the statistics:", ", ".join(names) or "none")
+    real = [rows[n] for n in ("chest-xray-small", "nih-adult", "figure1-covid") if n in rows]
+    if real:  # a bound no real film crosses: what it would refuse of the rest
+        top = np.concatenate(real).max(0)
+        print(f"beyond every real film (Mahalanobis > {top[0]:.3g} or 5-NN cosine > {top[2]:.3g}):")
+        for name, d in rows.items():
+            if "accepted" in name:
+                print(f"  {name:<34}{int(((d[:, 0] > top[0]) | (d[:, 2] > top[2])).sum()):3d} of {len(d)}")
     return 0
 
 

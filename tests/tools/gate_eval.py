@@ -260,7 +260,7 @@ def pydicom_sets(out: Path) -> dict[str, list[Path]]:
 
 
 def held_out(out: Path) -> dict[str, list[Path]]:
-    """Pictures the bounds were not chosen on: matplotlib's sample photographs in grey and the MR
+    """Pictures the bounds were not chosen on: matplotlib's sample pictures in grey and the MR
     slice it ships (s1045.ima.gz, 256 x 256 big-endian 16-bit)."""
     import gzip
 

@@ -52,7 +52,12 @@ def fitted(features: np.ndarray, k: int):
 
     m0, r0 = raw(features)
     bm, br = np.percentile(m0, 99.5), np.percentile(r0, 99.5)
-    return lambda x: np.maximum(raw(x)[0] / bm, raw(x)[1] / br)
+
+    def distance(x):
+        m, r = raw(x)
+        return np.maximum(m / bm, r / br)
+
+    return distance
 
 
 def main(argv=None) -> int:
