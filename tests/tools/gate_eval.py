@@ -11,8 +11,9 @@ grainy), pages of text rendered with Pillow, colour pictures (shapes, a red squa
 explain-style heat map over a film), the pixels of pydicom's own test files of other modalities
 saved as PNG (screenshots; its CT and MR slices upside down too), drawn slices (a Shepp-Logan
 head phantom, axial chest CT slices), and the DICOM files themselves. Prints a table; --stats
-adds each statistic's 0.5/1/50/99/99.5 percentiles per set, --refused lists each refused real
-film with its reason, --rules how many files of each set each rule refused.
+adds each statistic's least value, 0.5/1/50/99/99.5 percentiles and largest value per set,
+--refused lists each refused real film with its reason, --rules how many files of each set each
+rule refused.
 
 Your own sets: --accept DIR (chest films: at most 1% refused) and --refuse DIR (anything else:
 none labelled), each repeatable; every image under DIR counts, and a --refuse set is checked a
@@ -395,13 +396,13 @@ def main(argv=None) -> int:
                 flagged = sum(1 for r in rows if unlike_training(r, rules))
                 print(f"  {name:32} {flagged:5d} of {len(rows):5d}  ({100 * flagged / max(1, len(rows)):.0f}%)")
         if args.stats:
-            print("\npercentiles 0.5 / 1 / 50 / 99 / 99.5 of each statistic")
+            print("\nleast, percentiles 0.5 / 1 / 50 / 99 / 99.5, largest, of each statistic")
             for name, rows in stats_rows.items():
                 if not rows:
                     continue
                 print(name)
                 for k in rows[0]:
-                    v = np.percentile([r[k] for r in rows], [0.5, 1, 50, 99, 99.5])
+                    v = np.percentile([r[k] for r in rows], [0, 0.5, 1, 50, 99, 99.5, 100])
                     print(f"    {k:12} " + " ".join(f"{x:8.3f}" for x in v))
         x = np.zeros((200, 200, 3), np.uint8)
         t0 = time.perf_counter()
