@@ -76,19 +76,12 @@ def main(argv=None) -> int:
                          "(default: %(default)s; none: the films fitted to); left out of the real sets")
     args = ap.parse_args(argv)
     from gate_eval import noise_and_slices, phantoms, pydicom_sets, user_sets
-    from xray_edge.errors import ImageError
-    from xray_edge.gate import decide_image
+    from xray_edge.gate import decide_image, image_statistics
     from xray_edge.inputs import walk_images
-    from xray_edge.preprocess import DEFAULT, load_image
+    from xray_edge.preprocess import DEFAULT, load_images
 
-    def plain(paths):
-        out = []
-        for p in paths:
-            try:
-                out.append(load_image(p, DEFAULT.geometry))
-            except ImageError:
-                pass
-        return np.stack(out) if out else np.zeros((0, 200, 200, 3), np.uint8)
+    def plain(paths):  # the gate's input: the model's geometry, before any intensity step
+        return load_images([Path(p) for p in paths], DEFAULT.geometry)[0]
 
     # Each fit: (films fitted to, films whose 99.5th percentiles scale the distance, the set it
     # came from, whose remaining films are the ones counted for it).
@@ -130,8 +123,6 @@ def main(argv=None) -> int:
     one = drawn[:1]  # one phantom's model input, timed
     fitted_films, scale, _ = next(iter(fits.values()))
     distance = fitted(fitted_films, 20, scale)
-    from xray_edge.gate import image_statistics
-
     for label, step in (("layout distance", lambda: distance(layout_features(one))),
                         ("gate statistics", lambda: image_statistics(one[0]))):
         t0 = time.perf_counter()
