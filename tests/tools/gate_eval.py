@@ -373,7 +373,7 @@ def main(argv=None) -> int:
                 bad += 1
                 for p, d, reason, _ in rows:
                     if d is not None and d.accepted:
-                        print(f"    ACCEPTED {p.name}: {d.statistics}")
+                        print(f"    ACCEPTED {p.name}: " + ", ".join(f"{k} {v:.3g}" for k, v in d.statistics.items()))
             if args.rules and ref:
                 counts = Counter(d.rule for _, d, _, _ in rows if d is not None and not d.accepted)
                 print("    refused by: " + ", ".join(f"{rule} {n}" for rule, n in counts.most_common()))
