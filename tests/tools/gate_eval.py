@@ -38,6 +38,7 @@ from xray_edge.errors import ImageError
 from xray_edge.gate import DEFAULT_RULES, check_input, image_statistics
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
+USER_SUFFIXES = SUFFIXES | {".bmp", ".gif", ".tif", ".tiff", ".webp"}  # --accept / --refuse folders
 
 
 def real_sets(data: Path) -> dict[str, list[Path]]:
@@ -271,7 +272,8 @@ def held_out(out: Path) -> dict[str, list[Path]]:
     paths = []
     for f in sorted(sample.glob("*.[jp][pn]g")):
         p = out / f"held_out_{f.stem}.png"
-        Image.open(f).convert("L").save(p)
+        with Image.open(f) as im:
+            im.convert("L").save(p)
         paths.append(p)
     mri = sample / "s1045.ima.gz"
     if mri.is_file():
@@ -307,9 +309,6 @@ def user_sets(out: Path, accept: list[Path], refuse: list[Path]) -> tuple[dict, 
 
 def _images_under(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in USER_SUFFIXES)
-
-
-USER_SUFFIXES = SUFFIXES | {".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def evaluate(paths: list[Path], rules=DEFAULT_RULES):
