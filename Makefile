@@ -14,7 +14,7 @@ TFLITE_VENV := .venv-tflite
 
 BENCH_IMAGES ?= 20000
 
-.PHONY: FORCE help install train export report study test pi-test bench bench-train bench-data gate-eval data clean
+.PHONY: FORCE help install train export report study test pi-test bench bench-train bench-data gate-eval likeness data clean
 
 help:
 	@echo "make train [DATA=path] [EPOCHS=n]   train (default: synthetic phantoms, offline); DATA=\"A B\": two sources"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench | bench-train             speed figures for the edge runner / training"
 	@echo "make bench-data [BENCH_IMAGES=n]     decode + batch throughput and peak memory, n synthetic images"
 	@echo "make gate-eval [GATE_DATA=path] [GATE_ARGS='--refuse DIR']  the input gate per set of films and non-films"
+	@echo "make likeness [GATE_DATA=path] [GATE_ARGS='--refuse DIR']   refit the gate's likeness score (edge/likeness.json)"
 	@echo "make data                            fetch the tutorial's dataset into data/ (needs network)"
 
 $(BIN)/.installed: pyproject.toml
@@ -110,6 +111,11 @@ GATE_DATA ?= ../shared/data
 GATE_ARGS ?=
 gate-eval: $(BIN)/.installed
 	$(BIN)/python tests/tools/gate_eval.py --data "$(GATE_DATA)" $(GATE_ARGS)
+
+# Refit the gate's likeness score to the real films of GATE_DATA, the phantoms and the built
+# non-radiographs, print its leave-one-out checks, and store it in edge/likeness.json.
+likeness: $(BIN)/.installed
+	cd tests/tools && $(abspath $(BIN))/python fit_likeness.py --data "$(abspath $(GATE_DATA))" --write $(GATE_ARGS)
 
 data:
 	@mkdir -p data

@@ -11,7 +11,9 @@ Two checks, in this order, both on the device without TensorFlow:
    centre, sharp edges and a smooth grey-level histogram. They refuse blank and uniform images,
    colour pictures and screenshots, pages of text, noise (smoothed or not) and CT or MR slices
    saved as pictures; the bounds were chosen with ``make gate-eval`` (docs/edge.md, with what
-   they miss).
+   they miss). Last, `likeness` weighs the image's layout and these statistics together, a
+   score fitted to real films and phantoms against built non-radiographs (`xray_edge.likeness`):
+   it refuses most of the grey photographs, icons and diagrams that pass every single bound.
    A film that passes but lies outside the statistics of the films the model came from is
    labelled and flagged (`Decision.unlike_training`).
 
@@ -30,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from xray_edge import likeness
 from xray_edge.errors import ImageError, ModelError
 
-GATE_VERSION = "2"
+GATE_VERSION = "3"  # 3: the likeness score
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC Image Storage and its multi-frame kin
 
 # Bounds on the image statistics, in the order they are checked: the bound's name in GateRules
@@ -52,6 +55,7 @@ _REASONS = {
     "min_lungs": "no air-filled lungs above a dense centre (a cross-section or a picture?)",
     "min_edges": "no sharp edges, a random field's texture (clouds or noise?)",
     "max_posterized": "a few grey levels, not a film's smooth range (posterized or drawn?)",
+    "min_likeness": "not like a chest film taken as a whole (a photograph, icon or drawing?)",
 }
 
 
@@ -79,6 +83,7 @@ class GateRules:
     min_lungs: float = 0.25
     min_edges: float = 4.0
     max_posterized: float = 0.4
+    min_likeness: float = 0.0  # xray_edge.likeness: 0 is its fitted bound
     # the range of each statistic over the films the model came from (`reference_ranges`): a film
     # outside is labelled and flagged, not refused
     reference: dict = field(default_factory=dict)
@@ -233,7 +238,18 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     posterized: the share of the pixels on spikes of the grey-level histogram (levels 8-247
         holding over three times the mean of their +-4 neighbours): a stretched 8-bit image or a
         drawing in a few tones (a film's histogram is smooth: under 0.2).
+    likeness: `xray_edge.likeness`, a score fitted on the layout and the statistics above that
+        weighs them together (a film of a new source: above 0 in 199 of 200; the grey photographs,
+        icons and diagrams that pass every bound above: mostly below).
     """
+    stats, features = measure(image)
+    stats["likeness"] = likeness.score(features)
+    return stats
+
+
+def measure(image: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """The statistics of `image_statistics` but likeness, and the features likeness weighs (its
+    fitting tool calls this)."""
     x = np.asarray(image)
     if x.ndim == 2:
         x = x[:, :, None]
@@ -245,6 +261,14 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
         total += c
     chroma = hi - lo  # uint8: hi >= lo, no wrap-around
     g = total / len(channels)
+    stats = {"colour": float((chroma > 24).mean()), **_grey_statistics(g)}
+    # the likeness is fitted at one size: a model of another size has it measured there
+    at = likeness.at_size(g)
+    return stats, likeness.features(at, stats if at is g else {**stats, **_grey_statistics(at)})
+
+
+def _grey_statistics(g: np.ndarray) -> dict[str, float]:
+    """The statistics of `image_statistics` but colour and likeness, of a float grey image."""
     mean = float(g.mean())
     centred = g - mean
     power = float(np.vdot(centred, centred))
@@ -259,7 +283,7 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     lung_bands = (col[int(w * 0.15):int(w * 0.35)].mean() + col[int(w * 0.65):int(w * 0.85)].mean()) / 2
     levels = np.bincount(g.astype(np.uint8).ravel(), minlength=256)
     bands = levels.reshape(32, 8).sum(axis=1)
-    return {"colour": float((chroma > 24).mean()), "contrast": contrast, "roughness": float(rough),
+    return {"contrast": contrast, "roughness": float(rough),
             "white": float((g > 247).mean()), "black": float((g < 8).mean()),
             "flat": float(bands[1:31].max() / g.size),
             "symmetry": symmetry, "mediastinum": float((centre - lung_bands) / scale),

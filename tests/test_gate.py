@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from conftest import run_cli
 from xray_edge.errors import ImageError
 from xray_edge.gate import (DEFAULT_RULES, GateRules, NotChestRadiograph, check_header, check_input,
-                            image_statistics, load_checked, reference_ranges, unlike_training)
+                            check_statistics, image_statistics, load_checked, reference_ranges,
+                            unlike_training)
 from xray_edge.train.phantom import phantom_image
 
 
@@ -314,6 +315,40 @@ def test_the_gate_judges_the_film_before_the_intensity_step(tmp_path):
     decision, image = check_input(film, eq)
     assert decision.accepted and np.array_equal(image, load_image(film, eq))
     assert not np.array_equal(image, load_image(film))
+
+
+def test_a_grey_photograph_that_passes_every_statistic_is_refused_by_its_likeness(tmp_path):
+    # matplotlib's Grace Hopper upside down: not among the pictures likeness was fitted to
+    import matplotlib
+
+    p = tmp_path / "hopper.png"
+    with Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg") as im:
+        im.convert("L").transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(p)
+    decision, image = check_input(p)
+    assert not decision.accepted and image is None
+    assert decision.rule == "likeness" and "not like a chest film" in decision.reason
+    assert check_statistics({**decision.statistics, "likeness": 0.0}) is None  # every other bound passes
+    film = check_input(phantom_png(tmp_path / "film.png", 2))[0]
+    assert film.accepted and film.statistics["likeness"] > 0
+
+
+@pytest.mark.shared
+def test_the_shipped_likeness_is_the_fit_of_the_shared_films(shared_data, tmp_path):
+    """edge/likeness.json is what tests/tools/fit_likeness.py fits: no number in it by hand."""
+    import subprocess
+    import sys
+
+    from xray_edge.likeness import WEIGHTS
+
+    tools = Path(__file__).parent / "tools"
+    out = tmp_path / "likeness.json"
+    run = subprocess.run([sys.executable, str(tools / "fit_likeness.py"), "--data", str(shared_data.parent),
+                          "--write", str(out)], cwd=tools, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    new, shipped = json.loads(out.read_text()), json.loads(WEIGHTS.read_text())
+    assert new["films"] == shipped["films"] and new["non_radiographs"] == shipped["non_radiographs"]
+    np.testing.assert_allclose(new["weights"] + [new["bias"]], shipped["weights"] + [shipped["bias"]],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_real_films_are_accepted(shared_data):

@@ -18,8 +18,9 @@ rule refused.
 Your own sets: --accept DIR (chest films: at most 1% refused) and --refuse DIR (anything else:
 none labelled), each repeatable; every image under DIR counts, and a --refuse set is checked a
 second time converted to grey, since colour alone refuses a colour picture. The set "held out"
-(matplotlib's sample pictures in grey and its MR slice) was not looked at when the bounds were
-chosen; it says how far they carry to pictures nobody tuned them on.
+(matplotlib's sample pictures in grey, its map of heights and its MR slice) was not looked at when
+the bounds were chosen, nor fitted to by likeness; it says how far they carry to pictures nobody
+tuned them on.
 """
 
 from __future__ import annotations
@@ -262,8 +263,9 @@ def pydicom_sets(out: Path) -> dict[str, list[Path]]:
 
 
 def held_out(out: Path) -> dict[str, list[Path]]:
-    """Pictures the bounds were not chosen on: matplotlib's sample pictures in grey and the MR
-    slice it ships (s1045.ima.gz, 256 x 256 big-endian 16-bit)."""
+    """Pictures the bounds were not chosen on and likeness was not fitted to: matplotlib's sample
+    pictures in grey (Grace Hopper upside down too), its map of heights and the MR slice it ships
+    (s1045.ima.gz, 256 x 256 big-endian 16-bit)."""
     import gzip
 
     import matplotlib
@@ -275,6 +277,12 @@ def held_out(out: Path) -> dict[str, list[Path]]:
         with Image.open(f) as im:
             im.convert("L").save(p)
         paths.append(p)
+    with Image.open(sample / "grace_hopper.jpg") as im:  # a grey photograph upside down
+        paths.append(out / "held_out_grace_hopper_upside_down.png")
+        im.convert("L").transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(paths[-1])
+    topo = np.load(sample / "topobathy.npz")["topo"].astype(np.float64)  # a map of heights
+    paths.append(out / "held_out_topobathy.png")
+    Image.fromarray((255 * (topo - topo.min()) / (topo.max() - topo.min())).astype(np.uint8)).save(paths[-1])
     mri = sample / "s1045.ima.gz"
     if mri.is_file():
         a = np.frombuffer(gzip.decompress(mri.read_bytes()), ">u2").reshape(256, 256).astype(np.float64)
@@ -299,7 +307,7 @@ def user_sets(out: Path, accept: list[Path], refuse: list[Path]) -> tuple[dict, 
             try:
                 with Image.open(f) as im:
                     g = im.convert("L")
-            except (OSError, ValueError):
+            except Exception:  # noqa: BLE001 - any decoder failure (Pillow raises SyntaxError too)
                 continue  # counted as an error in the set as it is
             grey.append(out / f"yours{i}_{j}_{f.stem}.png")
             g.save(grey[-1])

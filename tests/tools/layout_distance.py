@@ -4,7 +4,8 @@ the input gate's statistics let through, without refusing films from another hos
     python tests/tools/layout_distance.py [--shared ../shared/data] [--run RUN] [--refuse DIR ...]
 
 Features of the gate's input (200 x 200 grey): 10 x 10 block means, standardised, and a 5 x 5 grid
-of 8 gradient orientations (square roots of their shares). A distance is the larger of two ratios:
+of 8 gradient orientations (square roots of their shares): `xray_edge.likeness.layout`, which the
+gate's likeness score weighs. A distance is the larger of two ratios:
 the Mahalanobis distance in the K first principal components of the films fitted to, and the
 residual outside them, each over its 99.5th percentile on other films of the same kind (new films
 lie farther than those the components were fitted to). Fits: half of chest-xray-small, of nih-adult
@@ -13,7 +14,9 @@ a training folder (training.json; --splits for others), scaled by its validation
 (--calibrate), the way a model's gate would be fitted, those films left out of the real sets.
 Prints, for K = 5, 10, 20 and bounds of 1-2, the share of each real set and of the phantoms
 refused, and how many of the misses are: the distinct non-radiographs of `make gate-eval` and the
-pictures under each DIR (also in grey) that the statistics accept.
+pictures under each DIR (also in grey) that every bound of the statistics but likeness accepts.
+Then each of the four sources (chest-xray-small's two classes are two) is counted under a fit to
+the other three.
 """
 
 from __future__ import annotations
@@ -28,18 +31,10 @@ import numpy as np
 
 
 def layout_features(images: np.ndarray) -> np.ndarray:
-    g = images[..., 0].astype(np.float64)
-    n = len(g)
-    means = g.reshape(n, 10, 20, 10, 20).mean((2, 4)).reshape(n, -1)
-    means = (means - means.mean(1, keepdims=True)) / (means.std(1, keepdims=True) + 1e-9)
-    h = g.reshape(n, 100, 2, 100, 2).mean((2, 4))
-    dy, dx = np.zeros_like(h), np.zeros_like(h)
-    dy[:, 1:-1], dx[:, :, 1:-1] = h[:, 2:] - h[:, :-2], h[:, :, 2:] - h[:, :, :-2]
-    bins = np.minimum(((np.arctan2(dy, dx) % np.pi) / np.pi * 8).astype(int), 7)
-    mag = np.hypot(dx, dy)
-    grid = np.stack([(mag * (bins == b)).reshape(n, 5, 20, 5, 20).sum((2, 4)) for b in range(8)], -1)
-    grid = grid.reshape(n, -1)
-    return np.c_[means / 10, np.sqrt(grid / (grid.sum(1, keepdims=True) + 1e-9))]
+    """xray_edge.likeness.layout of each model input (grey, 200 x 200)."""
+    from xray_edge.likeness import layout
+
+    return np.stack([layout(x[..., 0]) for x in images])
 
 
 def fitted(features: np.ndarray, k: int, calibration: np.ndarray | None = None):
@@ -76,7 +71,7 @@ def main(argv=None) -> int:
                          "(default: %(default)s; none: the films fitted to); left out of the real sets")
     args = ap.parse_args(argv)
     from gate_eval import noise_and_slices, phantoms, pydicom_sets, user_sets
-    from xray_edge.gate import decide_image, image_statistics
+    from xray_edge.gate import check_statistics, image_statistics, measure
     from xray_edge.inputs import walk_images
     from xray_edge.preprocess import DEFAULT, load_images
 
@@ -97,21 +92,28 @@ def main(argv=None) -> int:
         scale = layout_features(plain(scale_paths)) if scale_paths else fitted_films
         fits[f"{args.splits} of {args.run.name}"] = (fitted_films, scale, None)
         used = set(fit_paths) | set(scale_paths)
-    films = {name: layout_features(plain([p for p in sorted(walk_images(args.shared / name))
-                                          if str(Path(p).resolve()) not in used]))
-             for name in ("chest-xray-small", "nih-adult", "figure1-covid") if (args.shared / name).is_dir()}
+    # the four sources: chest-xray-small's two classes come from two (its README)
+    sources = {name: layout_features(plain([p for p in sorted(walk_images(args.shared / folder))
+                                            if str(Path(p).resolve()) not in used]))
+               for name, folder in (("cxs COVID19", "chest-xray-small/train/COVID19"),
+                                    ("cxs NORMAL", "chest-xray-small/train/NORMAL"),
+                                    ("nih-adult", "nih-adult"), ("figure1-covid", "figure1-covid"))
+               if (args.shared / folder).is_dir()}
+    films = {"chest-xray-small": np.concatenate([sources["cxs COVID19"], sources["cxs NORMAL"]]),
+             **{k: v for k, v in sources.items() if not k.startswith("cxs")}}
     with tempfile.TemporaryDirectory() as tmp:
         sets = {**noise_and_slices(Path(tmp)), **pydicom_sets(Path(tmp)), **user_sets(Path(tmp), [], args.refuse)[0]}
         drawn = plain(phantoms(Path(tmp), 300))  # what the default `make train` sees
         films["phantoms"] = layout_features(drawn)
+        # what every bound but likeness accepts, keyed by content: a grey picture and its grey copy count once
         misses = {x.tobytes(): x for paths in sets.values() for x in plain([p for p in paths if p.suffix != ".dcm"])
-                  if decide_image(x).accepted}  # keyed by content: a grey picture and its grey copy count once
+                  if check_statistics({**measure(x)[0], "likeness": np.inf}) is None}
     for name in ("chest-xray-small", "nih-adult", "phantoms"):  # half fitted, a quarter scales, a quarter counted
         if name in films and len(films[name]) >= 8:
             f = films[name]
             fits[f"half of {name}"] = (f[0::2], f[1::4], name)
-    miss = layout_features(np.stack(list(misses.values())))
-    print(f"{len(miss)} non-radiographs accepted by the statistics")
+    miss = layout_features(np.stack(list(misses.values()))) if misses else np.zeros((0, 300))
+    print(f"{len(miss)} non-radiographs accepted by every bound of the statistics (likeness aside)")
     for fit, (fitted_films, scale, source) in fits.items():
         for k in (5, 10, 20):
             distance = fitted(fitted_films, k, scale)
@@ -120,6 +122,13 @@ def main(argv=None) -> int:
                                    for name, f in films.items())
                 print(f"fit {fit:22} K={k:2d} bound {bound:4}: films refused {shares}  "
                       f"| misses refused {int((distance(miss) > bound).sum())}/{len(miss)}")
+    for left in sources:  # three sources fitted (half, the other half scales), the fourth counted
+        rest = [f for name, f in sources.items() if name != left]
+        distance = fitted(np.concatenate([f[0::2] for f in rest]), 20, np.concatenate([f[1::2] for f in rest]))
+        for bound in (1.0, 1.25, 1.5, 2.0):
+            print(f"fit all sources but {left:13} K=20 bound {bound:4}: {left} refused "
+                  f"{100 * np.mean(distance(sources[left]) > bound):4.1f}%  | misses refused "
+                  f"{int((distance(miss) > bound).sum())}/{len(miss)}")
     one = drawn[:1]  # one phantom's model input, timed
     fitted_films, scale, _ = next(iter(fits.values()))
     distance = fitted(fitted_films, 20, scale)
