@@ -2,13 +2,14 @@
 
 A linear score (logistic regression) over the image's coarse layout and the gate's own
 statistics, fitted by ``tests/tools/fit_likeness.py`` to tell the real films of several sources
-and the phantoms of ``make train`` from the non-radiographs that tool builds (noise, pages,
-drawings, slices). The grey photographs, icons and diagrams that pass every single statistic lie
-on the far side of it (docs/edge.md: measured on pictures it was not fitted to). Its bias is
+and the phantoms of ``make train`` from the non-radiographs ``tests/tools/gate_eval.py`` builds
+(noise, pages, drawings, slices). Most of the grey photographs, icons and diagrams that pass every
+single statistic lie on the far side of it (docs/edge.md: measured on pictures it was not fitted
+to). Its bias is
 shifted so that 0 is the bound: a film of a source it was not fitted to scores below 0 about once
 in 200 (the fit's leave-one-source-out check).
 
-The weights (``likeness.json``, about 330 numbers) are a discriminant, not a picture: they hold
+The weights (``likeness.json``, 313 and a bias) are a discriminant, not a picture: they hold
 no film and no mean film.
 """
 
