@@ -33,8 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import keras
 
-    from gate_eval import noise_and_slices, pydicom_sets, user_sets
-    from xray_edge.gate import decide_image
+    from gate_eval import noise_and_slices, pydicom_sets, statistics_accept, user_sets
     from xray_edge.inputs import walk_images
     from xray_edge.preprocess import Preprocessing, load_images
 
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
         built = [p for paths in {**noise_and_slices(Path(tmp)), **pydicom_sets(Path(tmp))}.values()
                  for p in paths if p.suffix == ".png"]
         f, x = embed(built)
-        accepted = [i for i in range(len(built)) if decide_image(x[i]).accepted]
+        accepted = [i for i in range(len(built)) if statistics_accept(x[i])]
         rows["built, accepted by the statistics"] = distances(f[accepted])
         rows["built, all"] = distances(f)
         names = [built[i].name for i in accepted]
@@ -81,7 +80,7 @@ def main(argv=None) -> int:
             if not name.endswith(", in grey") or not paths:
                 continue
             x, index, _ = load_images(paths, spec)  # a file too small to decode is left out
-            accepted = [i for i in range(len(x)) if decide_image(x[i]).accepted]
+            accepted = [i for i in range(len(x)) if statistics_accept(x[i])]
             if accepted:
                 f = np.asarray(features.predict(x[accepted], batch_size=32, verbose=0))
                 rows[f"{name.removeprefix('yours: ')}, accepted"] = distances(f)

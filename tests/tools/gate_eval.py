@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from xray_edge.errors import ImageError
-from xray_edge.gate import DEFAULT_RULES, check_input, image_statistics
+from xray_edge.gate import DEFAULT_RULES, check_input, check_statistics, image_statistics, measure
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
 USER_SUFFIXES = SUFFIXES | {".bmp", ".gif", ".tif", ".tiff", ".webp"}  # --accept / --refuse folders
@@ -317,6 +317,13 @@ def user_sets(out: Path, accept: list[Path], refuse: list[Path]) -> tuple[dict, 
 
 def _images_under(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in USER_SUFFIXES)
+
+
+def statistics_accept(image: np.ndarray) -> bool:
+    """Whether every bound but likeness accepts a model input: what the statistics alone let
+    through, as the one-class distances of layout_distance.py and feature_distance.py, measured
+    before likeness, were asked to catch."""
+    return check_statistics({**measure(image)[0], "likeness": np.inf}) is None
 
 
 def evaluate(paths: list[Path], rules=DEFAULT_RULES):
