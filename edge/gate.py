@@ -36,6 +36,7 @@ from xray_edge import likeness
 from xray_edge.errors import ImageError, ModelError
 
 GATE_VERSION = "3"  # 3: the likeness score
+_KNOWN_VERSIONS = ("1", "2", "3")  # an older gate gets this runner's defaults for what it lacks
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC Image Storage and its multi-frame kin
 
 # Bounds on the image statistics, in the order they are checked: the bound's name in GateRules
@@ -102,6 +103,10 @@ class GateRules:
             return cls()
         if not isinstance(d, dict):
             raise ValueError("'input_gate' is not an object")
+        version = d.get("version", GATE_VERSION)
+        if version not in _KNOWN_VERSIONS:  # a newer gate's rules would be dropped without a word
+            raise ValueError(f"'input_gate.version' {version!r} is not one this runner knows "
+                             f"({', '.join(_KNOWN_VERSIONS)}): written by a newer xray-edge?")
         kw = {}
         for k in ("modalities", "body_parts", "views"):
             if k in d:

@@ -125,6 +125,11 @@ def test_a_malformed_gate_in_the_manifest_is_refused_before_any_image():
     # a reference range that is not two numbers would fail on every film: refused with the model
     with pytest.raises(ValueError, match="ranges.contrast"):
         Manifest.from_dict({**base, "input_gate": {"reference": {"ranges": {"contrast": ["a", 1]}}}})
+    # a gate from a newer runner may hold rules this one does not know: refused, not dropped
+    with pytest.raises(ValueError, match="not one this runner knows"):
+        Manifest.from_dict({**base, "input_gate": {"version": "4", "min_contrast": 20}})
+    older = Manifest.from_dict({**base, "input_gate": {"version": "2", "min_contrast": 25}}).input_gate
+    assert GateRules.from_dict(older).min_contrast == 25 and GateRules.from_dict(older).min_likeness == 0.0
 
 
 def test_a_file_copied_alone_keeps_its_gate_and_reference(tiny_artifacts, tmp_path):
