@@ -46,7 +46,7 @@ def layout(grey: np.ndarray) -> np.ndarray:
     dy[1:-1], dx[:, 1:-1] = h[2:] - h[:-2], h[:, 2:] - h[:, :-2]
     bins = np.minimum(((np.arctan2(dy, dx) % np.pi) / np.pi * 8).astype(np.intp), 7)
     # one weighted count: gradient magnitude per (cell of a 5 x 5 grid, orientation)
-    grid = np.bincount((_cells() + bins).ravel(), weights=np.hypot(dx, dy).ravel(), minlength=200)
+    grid = np.bincount((_cells() + bins).ravel(), weights=np.hypot(dx, dy).ravel(), minlength=5 * 5 * 8)
     return np.concatenate([means / 10, np.sqrt(grid / (grid.sum() + 1e-9))])
 
 

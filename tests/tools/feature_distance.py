@@ -8,8 +8,8 @@ layer's activations (the layer before the sigmoid). Three distances to the train
 features: Mahalanobis in its 20 first principal components (standardised features), the
 residual outside them, and 1 - the mean cosine similarity of the 5 nearest training films. Rows:
 the splits, the real sets of ../shared/data, the non-radiographs of `make gate-eval` that the
-statistics accept, and all of them; with --refuse DIR, the images under DIR (in grey) that the
-statistics accept. Needs the training extra.
+statistics accept (every bound but likeness, which came later), and all of them; with --refuse
+DIR, the images under DIR (in grey) that they accept. Needs the training extra.
 """
 
 from __future__ import annotations

@@ -29,16 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gate_eval import generated, held_out, noise_and_slices, phantoms, pydicom_sets, user_sets
+from gate_eval import SOURCES, generated, held_out, noise_and_slices, phantoms, pydicom_sets, user_sets
 from xray_edge.gate import check_statistics, measure
 from xray_edge.likeness import WEIGHTS
 from xray_edge.preprocess import DEFAULT, load_images
 
 PENALTY = 2.0  # L2 on the standardised weights: of 0.002-10, the most non-radiographs refused leaving their kind out
 HELD_OUT_SHARE = 0.5  # % of a new source's films below the bound
-SOURCES = {"chest-xray-small/COVID19": "chest-xray-small/train/COVID19",
-           "chest-xray-small/NORMAL": "chest-xray-small/train/NORMAL",
-           "nih-adult": "nih-adult", "figure1-covid": "figure1-covid"}
 
 
 def model_inputs(paths) -> np.ndarray:
@@ -118,7 +115,7 @@ def main(argv=None) -> int:
 
     w, b = fit(positives(), neg, args.penalty)
     b -= shift
-    final = {name: f @ w + b for name, f in feats.items()}
+    final = {name: feats[name] @ w + b for name in films}
     print(f"\nthe final fit: chest films below 0 "
           + ", ".join(f"{k} {int((final[k] < 0).sum())}/{len(final[k])}" for k in films))
     print("pictures it was not fitted to (as labelled by the whole gate: every bound, then likeness)")

@@ -40,6 +40,11 @@ from xray_edge.gate import DEFAULT_RULES, check_input, check_statistics, image_s
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
 USER_SUFFIXES = SUFFIXES | {".bmp", ".gif", ".tif", ".tiff", ".webp"}  # --accept / --refuse folders
+# The four sources of the shared films, by folder: chest-xray-small's two classes come from two
+# (its README). likeness is fitted and checked one source left out at a time.
+SOURCES = {"chest-xray-small/COVID19": "chest-xray-small/train/COVID19",
+           "chest-xray-small/NORMAL": "chest-xray-small/train/NORMAL",
+           "nih-adult": "nih-adult", "figure1-covid": "figure1-covid"}
 
 
 def real_sets(data: Path) -> dict[str, list[Path]]:

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                     help="with --run, the split whose 99.5th percentiles scale the distance "
                          "(default: %(default)s; none: the films fitted to); left out of the real sets")
     args = ap.parse_args(argv)
-    from gate_eval import noise_and_slices, phantoms, pydicom_sets, statistics_accept, user_sets
+    from gate_eval import SOURCES, noise_and_slices, phantoms, pydicom_sets, statistics_accept, user_sets
     from xray_edge.gate import image_statistics
     from xray_edge.inputs import walk_images
     from xray_edge.preprocess import DEFAULT, load_images
@@ -92,15 +92,12 @@ def main(argv=None) -> int:
         scale = layout_features(plain(scale_paths)) if scale_paths else fitted_films
         fits[f"{args.splits} of {args.run.name}"] = (fitted_films, scale, None)
         used = set(fit_paths) | set(scale_paths)
-    # the four sources: chest-xray-small's two classes come from two (its README)
     sources = {name: layout_features(plain([p for p in sorted(walk_images(args.shared / folder))
                                             if str(Path(p).resolve()) not in used]))
-               for name, folder in (("cxs COVID19", "chest-xray-small/train/COVID19"),
-                                    ("cxs NORMAL", "chest-xray-small/train/NORMAL"),
-                                    ("nih-adult", "nih-adult"), ("figure1-covid", "figure1-covid"))
-               if (args.shared / folder).is_dir()}
-    films = {"chest-xray-small": np.concatenate([sources["cxs COVID19"], sources["cxs NORMAL"]]),
-             **{k: v for k, v in sources.items() if not k.startswith("cxs")}}
+               for name, folder in SOURCES.items() if (args.shared / folder).is_dir()}
+    cxs = [f for name, f in sources.items() if name.startswith("chest-xray-small/")]
+    films = {**({"chest-xray-small": np.concatenate(cxs)} if cxs else {}),
+             **{k: v for k, v in sources.items() if not k.startswith("chest-xray-small/")}}
     with tempfile.TemporaryDirectory() as tmp:
         sets = {**noise_and_slices(Path(tmp)), **pydicom_sets(Path(tmp)), **user_sets(Path(tmp), [], args.refuse)[0]}
         drawn = plain(phantoms(Path(tmp), 300))  # what the default `make train` sees
@@ -126,7 +123,7 @@ def main(argv=None) -> int:
         rest = [f for name, f in sources.items() if name != left]
         distance = fitted(np.concatenate([f[0::2] for f in rest]), 20, np.concatenate([f[1::2] for f in rest]))
         for bound in (1.0, 1.25, 1.5, 2.0):
-            print(f"fit all sources but {left:13} K=20 bound {bound:4}: {left} refused "
+            print(f"fit all sources but {left:24} K=20 bound {bound:4}: {left} refused "
                   f"{100 * np.mean(distance(sources[left]) > bound):4.1f}%  | misses refused "
                   f"{int((distance(miss) > bound).sum())}/{len(miss)}")
     one = drawn[:1]  # one phantom's model input, timed
